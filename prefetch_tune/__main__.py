@@ -1,0 +1,5 @@
+"""`python -m prefetch_tune` runs the CLI."""
+
+from prefetch_tune.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Backends that produce measurements: the vLLM server process and the benchmark client."""

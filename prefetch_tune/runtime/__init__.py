@@ -1,0 +1,1 @@
+"""The prefetch runtime: the pure plan (`plan.py`) and the vLLM plugin that executes it."""
