@@ -58,6 +58,12 @@ class PrefetchConfig:
     enabled: bool
     ratios: tuple[tuple[str, float], ...]
 
+    def __post_init__(self) -> None:
+        # Disabled means nothing is prefetched, whatever the ratios; normalise them so that
+        # equal meanings compare equal and round-trip through `{"enabled": false}`.
+        if not self.enabled and any(v != 0.0 for _, v in self.ratios):
+            object.__setattr__(self, "ratios", tuple((k, 0.0) for k, _ in self.ratios))
+
     @classmethod
     def make(
         cls, enabled: bool = True, ratios: Mapping[str, float] | None = None

@@ -12,6 +12,7 @@ from prefetch_tune.cli.apply import apply
 from prefetch_tune.cli.common import STATE
 from prefetch_tune.cli.models_cmd import models
 from prefetch_tune.cli.plan import plan
+from prefetch_tune.cli.simulate import simulate
 
 app = typer.Typer(
     name="prefetch-tune",
@@ -43,6 +44,7 @@ def root(
 app.command("plan")(plan)
 app.command("apply")(apply)
 app.command("models")(models)
+app.command("simulate")(simulate)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from prefetch_tune.models import Layout, MiB, ModelSpec
 from prefetch_tune.prefetch import KNOBS, MODULE_KNOBS, PrefetchConfig, Semantics, module_of
 
 DEFAULT_CAP_BYTES = 18 * MiB  # vLLM-Ascend's MAX_PREFETCH_WEIGHT_SIZE
+NATIVE_CAP_BYTES = DEFAULT_CAP_BYTES  # a constant in v0.23.0: `cap_bytes` does not change it
 MLP_TOKEN_LIMIT = 500  # MLP prefetch only when a forward has fewer tokens than this
 MOE_TOKEN_MIN = 96  # MoE prefetch only when a forward has at least this many tokens
 
@@ -62,7 +63,7 @@ class PlanOptions:
     """Serving options the runtime's decisions depend on."""
 
     sequence_parallel: bool = False  # FlashComm1 / SP: native mlp.gate_up needs it
-    cap_bytes: int = DEFAULT_CAP_BYTES  # the plugin's single cap (native: MLP paths only)
+    cap_bytes: int = DEFAULT_CAP_BYTES  # the plugin's single cap (native: fixed 18 MiB, MLP only)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class LayerPlan:
             "layout": {"tp": self.layout.tp, "dp": self.layout.dp, "ep": self.layout.ep},
             "semantics": self.semantics,
             "sequence_parallel": self.options.sequence_parallel,
-            "cap_mib": self.options.cap_bytes / MiB,
+            "cap_mib": _cap(self.semantics, self.options) / MiB,
             "tokens": self.tokens,
             "config": self.config.to_json_obj(),
             "ops": [op.to_dict() for op in self.ops],
@@ -217,6 +218,10 @@ def _is_capped(semantics: Semantics, knob: str) -> bool:
     return semantics == "plugin" or module_of(knob) == "mlp"
 
 
+def _cap(semantics: Semantics, options: PlanOptions) -> int:
+    return options.cap_bytes if semantics == "plugin" else NATIVE_CAP_BYTES
+
+
 def flat_above(
     model: ModelSpec, layout: Layout, semantics: Semantics, options: PlanOptions
 ) -> dict[str, float | None]:
@@ -228,7 +233,7 @@ def flat_above(
         if not sizes or not _is_capped(semantics, knob):
             out[knob] = None
             continue
-        ratio = options.cap_bytes / max(sizes)
+        ratio = _cap(semantics, options) / max(sizes)
         out[knob] = ratio if ratio < 1.0 else None
     return out
 
@@ -273,7 +278,9 @@ def plan_layer(
         knob = site.knob
         ratio = config.ratio(knob)
         wbytes = weights[site.weight]
-        requested, size, capped, note = _op_bytes(semantics, knob, wbytes, ratio, options.cap_bytes)
+        requested, size, capped, note = _op_bytes(
+            semantics, knob, wbytes, ratio, _cap(semantics, options)
+        )
         why = _why_not(model, config, tokens, semantics, knob, dead)
         fires = not why
         ops.append(
