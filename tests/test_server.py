@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -190,6 +192,27 @@ def test_sigterm_ignoring_server_is_killed_after_grace(make_server: MakeServer) 
     assert not port_in_use("127.0.0.1", server.port)
 
 
+def test_ctrl_c_during_grace_kills_at_once_then_reraises(make_server: MakeServer) -> None:
+    server = make_server(env={"FAKE_VLLM_IGNORE_SIGTERM": "1"}, stop_grace=30.0)
+    server.start()
+    server.wait_until_ready()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    timer = threading.Timer(0.3, signal.raise_signal, (signal.SIGINT,))
+    try:
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            server.stop()  # waits for the 30 s grace unless interrupted
+        elapsed = time.monotonic() - start
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGINT, previous)
+    assert elapsed < 3.0
+    assert server.poll() == -9
+    assert_group_gone(server.pgid)
+    assert server.stop() == -9  # already stopped: no second wait
+
+
 def test_stop_is_idempotent_and_safe_before_start(make_server: MakeServer) -> None:
     server = make_server()
     assert server.stop() is None
@@ -238,6 +261,38 @@ def test_atexit_stops_servers_left_running(tmp_path: Path, ending: str) -> None:
     )
     assert result.returncode != 0
     pgid = int(result.stdout.split()[0])
+    assert_group_gone(pgid)
+    assert not port_in_use("127.0.0.1", port)
+
+
+def test_sigterm_to_the_tuner_stops_its_server(tmp_path: Path) -> None:
+    port = free_port()
+    script = textwrap.dedent(
+        f"""
+        import time
+        from pathlib import Path
+        from prefetch_tune.backends.server import ServerProcess, exit_on_sigterm
+        exit_on_sigterm()
+        s = ServerProcess(["vllm", "serve", "m", "--port", "{port}"], None,
+                          Path({str(tmp_path / "s.log")!r}), "127.0.0.1", {port})
+        with s:
+            s.wait_until_ready()
+            print(s.pgid, flush=True)
+            time.sleep(60)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    tuner = subprocess.Popen(
+        [sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert tuner.stdout is not None
+        pgid = int(tuner.stdout.readline())
+        tuner.send_signal(signal.SIGTERM)
+        assert tuner.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        tuner.kill()
+        tuner.wait()
     assert_group_gone(pgid)
     assert not port_in_use("127.0.0.1", port)
 

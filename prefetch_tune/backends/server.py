@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -180,7 +181,7 @@ def _get(url: str, timeout: float) -> tuple[int, bytes]:
             return int(resp.status), resp.read()
     except urllib.error.HTTPError as exc:
         return exc.code, b""
-    except (OSError, ValueError):
+    except (OSError, ValueError, http.client.HTTPException):
         return 0, b""
 
 

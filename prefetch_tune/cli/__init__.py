@@ -12,6 +12,8 @@ from prefetch_tune.cli.apply import apply
 from prefetch_tune.cli.common import STATE
 from prefetch_tune.cli.models_cmd import models
 from prefetch_tune.cli.plan import plan
+from prefetch_tune.cli.search import search
+from prefetch_tune.cli.show import show
 from prefetch_tune.cli.simulate import simulate
 
 app = typer.Typer(
@@ -45,6 +47,8 @@ app.command("plan")(plan)
 app.command("apply")(apply)
 app.command("models")(models)
 app.command("simulate")(simulate)
+app.command("search")(search)
+app.command("show")(show)
 
 
 def main() -> None:

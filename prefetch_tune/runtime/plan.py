@@ -109,7 +109,7 @@ class LayerPlan:
     model: ModelSpec
     layout: Layout
     config: PrefetchConfig
-    tokens: int
+    tokens: int | None
     semantics: Semantics
     options: PlanOptions
     ops: tuple[PrefetchOp, ...]
@@ -265,11 +265,14 @@ def plan_layer(
     model: ModelSpec,
     layout: Layout,
     config: PrefetchConfig,
-    tokens: int,
+    tokens: int | None,
     semantics: Semantics = "plugin",
     options: PlanOptions | None = None,
 ) -> LayerPlan:
-    """The prefetch operations of one decoder layer for a forward of `tokens` tokens."""
+    """The prefetch operations of one decoder layer for a forward of `tokens` tokens.
+
+    `tokens=None` skips the token thresholds: what the layer prefetches whenever it does.
+    """
     options = options or PlanOptions()
     weights = model.weight_bytes(layout)
     dead = dead_knobs(model, semantics, options)
@@ -315,7 +318,7 @@ def plan_layer(
 def _why_not(
     model: ModelSpec,
     config: PrefetchConfig,
-    tokens: int,
+    tokens: int | None,
     semantics: Semantics,
     knob: str,
     dead: dict[str, str],
@@ -330,6 +333,8 @@ def _why_not(
         return "ratio 0 (off)"
     if semantics == "native-0.23" and not _module_on(config, module):
         return f"all {module} ratios are 0, so native turns the module off"
+    if tokens is None:  # structural question: would it fire at some token count?
+        return ""
     if module == "mlp" and tokens >= MLP_TOKEN_LIMIT:
         return f"{tokens} tokens in this forward; MLP prefetch only below {MLP_TOKEN_LIMIT}"
     if module == "moe" and tokens < MOE_TOKEN_MIN:

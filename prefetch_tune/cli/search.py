@@ -1,0 +1,329 @@
+"""`prefetch-tune search`: an Optuna search per max-num-seqs, then a noise-aware winner."""
+
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import optuna
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
+from prefetch_tune.cli.common import (
+    choice,
+    err_console,
+    fail_on_errors,
+    resolve_model,
+    resolve_options,
+    resolve_semantics,
+)
+from prefetch_tune.errors import ConfigError
+from prefetch_tune.results import check_writable
+from prefetch_tune.space import build_space
+from prefetch_tune.tuneconfig import load_tune_file
+from prefetch_tune.tuner import SAMPLERS, SearchOutcome, SearchSettings, Slo, search_point
+from prefetch_tune.tuner import Progress as SearchProgress
+
+
+class RichProgress(SearchProgress):
+    """Per concurrency: trial i/N, best so far, ETA; on stderr so stdout stays data."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, Any] = {}
+
+    def start(self, label: str, total: int, done: int) -> None:
+        self.tasks[label] = self.progress.add_task(label, total=total, completed=done, best="-")
+
+    def advance(self, label: str, done: int, best: float | None) -> None:
+        self.progress.update(
+            self.tasks[label], completed=done, best="-" if best is None else f"{best:,.2f}"
+        )
+
+    def message(self, text: str) -> None:
+        self.progress.console.print(text)
+
+
+def _merge(ctx: typer.Context, flags: dict[str, Any], file_opts: dict[str, Any]) -> dict[str, Any]:
+    """Flags given on the command line win; otherwise the tune file; otherwise the default."""
+    merged = dict(flags)
+    for key, value in file_opts.items():
+        source = ctx.get_parameter_source(key)
+        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            merged[key] = value
+    return merged
+
+
+@fail_on_errors
+def search(
+    ctx: typer.Context,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help="Catalog name or local HF model directory.")
+    ] = None,
+    quant: Annotated[str | None, typer.Option("--quant", help="w8a8 or bf16.")] = None,
+    tp: Annotated[int, typer.Option("--tp", help="Tensor-parallel size.")] = 1,
+    dp: Annotated[int, typer.Option("--dp", help="Data-parallel size.")] = 1,
+    ep: Annotated[bool, typer.Option("--ep", help="Expert parallel on.")] = False,
+    max_num_seqs: Annotated[
+        list[int] | None,
+        typer.Option("--max-num-seqs", help="vLLM --max-num-seqs to tune (repeatable)."),
+    ] = None,
+    backend: Annotated[
+        str, typer.Option("--backend", help="sim (built-in performance model) or vllm (real runs).")
+    ] = "sim",
+    hardware: Annotated[
+        str,
+        typer.Option(
+            "--hardware", help="Hardware profile for the sim: atlas-a2, atlas-a3 or a .toml."
+        ),
+    ] = "atlas-a2",
+    semantics: Annotated[
+        str, typer.Option("--semantics", help="plugin or native-0.23.")
+    ] = "plugin",
+    sequence_parallel: Annotated[
+        bool, typer.Option("--sequence-parallel", help="Sequence parallel / FlashComm1 on.")
+    ] = False,
+    cap_mib: Annotated[
+        float, typer.Option("--cap-mib", help="The plugin's per-prefetch cap in MiB.")
+    ] = 18.0,
+    trials: Annotated[int, typer.Option("--trials", help="Trial budget per max-num-seqs.")] = 30,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="Seconds per max-num-seqs; the current trial finishes."),
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Re-measurements of each finalist, off and default.")
+    ] = 3,
+    objective: Annotated[
+        str,
+        typer.Option(
+            "--objective",
+            help="A vllm bench metric: output_throughput (max) or a latency such as p99_tpot_ms (min).",
+        ),
+    ] = "output_throughput",
+    slo: Annotated[
+        list[str] | None,
+        typer.Option("--slo", help="Constraint such as p99_tpot_ms<=50 (repeatable)."),
+    ] = None,
+    sampler: Annotated[str, typer.Option("--sampler", help="tpe, gp, random or grid.")] = "tpe",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Sampler seed (and the sim's noise seed).")
+    ] = 0,
+    noise: Annotated[
+        float, typer.Option("--noise", help="Sim only: seeded measurement noise in percent.")
+    ] = 0.0,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            "--storage", help="Optuna storage URL (e.g. postgresql://...) shared by several hosts."
+        ),
+    ] = None,
+    results_dir: Annotated[
+        Path, typer.Option("--results-dir", help="Where result files, trial tables and studies go.")
+    ] = Path("results"),
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Tune TOML with the same options (flags win).")
+    ] = None,
+    input_len: Annotated[
+        int, typer.Option("--input-len", help="Prompt tokens per request.")
+    ] = 3500,
+    output_len: Annotated[
+        int, typer.Option("--output-len", help="Generated tokens per request.")
+    ] = 1500,
+    tie_tolerance: Annotated[
+        float,
+        typer.Option("--tie-tolerance", help="Relative score tie; a tie goes to fewer bytes."),
+    ] = 0.01,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print what would run (serve and bench commands) and exit."),
+    ] = False,
+    python: Annotated[
+        str | None, typer.Option("--python", help="vllm backend: the serving environment's Python.")
+    ] = None,
+) -> None:
+    """Search the prefetch ratios per max-num-seqs and write the best ratio JSON for each."""
+    flags = dict(ctx.params)
+    vllm_table: dict[str, Any] = {}
+    if config is not None:
+        file_opts, vllm_table = load_tune_file(config)
+        flags = _merge(ctx, flags, file_opts)
+        err_console.print(f"using tune file {config}")
+    o = flags
+    if not o["model"]:
+        raise ConfigError("--model is required (or `model` in --config)")
+    seqs = o["max_num_seqs"] or []
+    seqs = [seqs] if isinstance(seqs, int) else list(seqs)
+    if not seqs:
+        raise ConfigError("--max-num-seqs is required (repeatable, or `max_num_seqs` in --config)")
+    for n in seqs:
+        if not isinstance(n, int) or n <= 0:
+            raise ConfigError(f"--max-num-seqs {n}: must be a positive integer")
+    choice(o["sampler"], SAMPLERS, "--sampler")
+    slos = tuple(
+        Slo.parse(s) for s in ([o["slo"]] if isinstance(o["slo"], str) else o["slo"] or [])
+    )
+    spec, layout = resolve_model(o["model"], o["quant"], o["tp"], o["dp"], o["ep"])
+    sem = resolve_semantics(o["semantics"])
+    options = resolve_options(o["sequence_parallel"], float(o["cap_mib"]))
+    settings = SearchSettings(
+        results_dir=Path(o["results_dir"]),
+        trials=o["trials"],
+        timeout=o["timeout"],
+        repeats=o["repeats"],
+        objective=o["objective"],
+        slos=slos,
+        sampler=o["sampler"],
+        seed=o["seed"],
+        storage=o["storage"],
+        tie_tolerance=float(o["tie_tolerance"]),
+    )
+    settings.check()
+    workload = Workload(input_len=o["input_len"], output_len=o["output_len"])
+    points = [
+        OperatingPoint(
+            model=spec,
+            layout=layout,
+            max_num_seqs=n,
+            hardware=o["hardware"],
+            workload=workload,
+            semantics=sem,
+            options=options,
+        )
+        for n in seqs
+    ]
+    be = get_backend(
+        o["backend"],
+        noise_pct=float(o["noise"]),
+        seed=o["seed"],
+        vllm=vllm_table,
+        python=o["python"],
+        results_dir=settings.results_dir,
+    )
+    if dry_run:
+        _dry_run(be, points)
+        return
+    check_writable(settings.results_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    outcomes = _run(points, be, settings)
+    _report(outcomes, be.measured, settings)
+    if any(out.interrupted for out in outcomes):
+        cmd = " ".join(shlex.quote(a) for a in ["prefetch-tune", *sys.argv[1:]])
+        err_console.print(
+            f"[yellow]interrupted:[/] finished trials are kept in the study; "
+            f"resume with the same command:\n  {cmd}"
+        )
+        raise typer.Exit(130)
+
+
+def _dry_run(be: Any, points: list[OperatingPoint]) -> None:
+    describe = getattr(be, "describe_commands", None)
+    for point in points:
+        space = build_space(point)
+        typer.echo(
+            f"# max-num-seqs {point.max_num_seqs}: live knobs "
+            f"{', '.join(f'{k}<={space.bound(k):g}' for k in space.knobs)}"
+        )
+        if describe is None:
+            typer.echo(f"# backend {be.name} starts no process; nothing else to show")
+            continue
+        for line in describe(point):
+            typer.echo(line)
+
+
+def _run(points: list[OperatingPoint], be: Any, settings: SearchSettings) -> list[SearchOutcome]:
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        err_console.print(
+            "[yellow]Ctrl-C: stopping after the current trial (press again to abort now)[/]"
+        )
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    outcomes: list[SearchOutcome] = []
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"),
+        TimeRemainingColumn(),
+    )
+    try:
+        with Progress(*columns, console=err_console, transient=False) as bar:
+            progress = RichProgress(bar)
+            for point in points:
+                if stop.is_set():
+                    outcomes.append(SearchOutcome(point, None, None, None, True, "", ""))
+                    continue
+                outcomes.append(search_point(point, be, settings, progress, stop))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return outcomes
+
+
+def _report(outcomes: list[SearchOutcome], measured: bool, settings: SearchSettings) -> None:
+    label = "measured" if measured else "SIMULATED"
+    table = Table(title=f"prefetch-tune search ({label}): objective {settings.objective}")
+    for col in (
+        "max-num-seqs",
+        "winner",
+        "effective MiB/layer",
+        settings.objective,
+        "vs off",
+        "vs default",
+        "significant",
+    ):
+        table.add_column(col)
+    for out in outcomes:
+        if out.result is None:
+            table.add_row(str(out.point.max_num_seqs), "[yellow]interrupted[/]", "", "", "", "", "")
+            continue
+        w = out.result["winner"]
+        ratios = "off" if w["is_off"] else ", ".join(f"{k}={v:.3g}" for k, v in _ratios(w).items())
+        mib = ", ".join(f"{k} {v:.1f}" for k, v in w["effective_mib"].items() if v)
+        imp = out.result["improvement"]
+        table.add_row(
+            str(out.point.max_num_seqs),
+            ratios,
+            mib or "0",
+            f"{w['objective_median']:,.2f}",
+            _pct(imp["vs_off"]),
+            _pct(imp["vs_default"]),
+            "yes" if imp["vs_off"]["significant"] else "no",
+        )
+    err_console.print(table)
+    for out in outcomes:
+        if out.path is not None:
+            typer.echo(str(out.path))
+            if out.moved_damaged is not None:
+                err_console.print(
+                    f"[yellow]a damaged result file was kept aside as {out.moved_damaged}[/]"
+                )
+        for note in out.notes:
+            err_console.print(f"note (max-num-seqs {out.point.max_num_seqs}): {note}")
+
+
+def _ratios(winner: dict[str, Any]) -> dict[str, float]:
+    ratio = winner["weight_prefetch_config"].get("prefetch_ratio", {})
+    return {
+        f"{m}.{k}": v
+        for m, ks in ratio.items()
+        for k, v in ks.items()
+        if winner["effective_mib"].get(f"{m}.{k}")
+    }
+
+
+def _pct(cmp: dict[str, Any]) -> str:
+    if cmp.get("pct") is None:
+        return "-"
+    return f"{cmp['pct']:+.2f}% (±{cmp['band_pct']:.2f})"
