@@ -2,9 +2,10 @@
 
 The study lives in durable storage (a journal file under the results directory by default, or
 any Optuna storage URL such as PostgreSQL so several hosts share one study). It is seeded with
-off, vLLM-Ascend's defaults, the stored best for the point and the winners of neighbouring
-concurrencies. A candidate whose effective bytes were already measured reuses that value; a
-backend failure becomes a FAIL trial with its reason and the study goes on. The winner is not
+off, vLLM-Ascend's defaults, the stored best for the point, the winners of neighbouring
+concurrencies and, for real runs, the simulated winner. A candidate whose effective bytes were
+already measured reuses that value; a backend failure becomes a FAIL trial with its reason and
+the study goes on. The winner is not
 Optuna's single best value: the top finalists, off and default are re-measured, scored
 conservatively (median minus a MAD penalty), unstable or incomplete ones are rejected, a tie
 goes to fewer prefetched bytes, and when nothing beats off beyond the noise the winner is off.
@@ -343,7 +344,7 @@ def run_trials(
 ) -> None:
     """Ask-and-tell until the budget is spent, the timeout passes or a stop is requested."""
     dists: dict[str, BaseDistribution] = {
-        k: FloatDistribution(0.0, space.bound(k)) for k in space.knobs
+        k: FloatDistribution(space.low(k), space.bound(k)) for k in space.knobs
     }
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     progress.start(label, settings.trials, min(_spent(study), settings.trials))
@@ -596,6 +597,11 @@ def search_point(
         (f"neighbour {i}", c)
         for i, c in enumerate(neighbour_winners(settings.results_dir, point, backend.name))
     ]
+    if backend.measured:  # a simulated winner for the same point warm-starts a real search
+        sim_path = result_path(settings.results_dir, point, "sim")
+        sim_best = _stored_winner(sim_path) if sim_path.exists() else None
+        if sim_best is not None:
+            seeds.append(("simulated best", sim_best))
     enqueue_seeds(study, space, seeds)
     label = f"max-num-seqs {point.max_num_seqs}"
     run_trials(study, space, backend, settings, progress, label, stop)
