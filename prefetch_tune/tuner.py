@@ -174,7 +174,7 @@ def make_sampler(settings: SearchSettings, space: SearchSpace) -> optuna.sampler
             "seed": settings.seed,
             "multivariate": True,
             "constant_liar": True,
-            "n_startup_trials": 8,
+            "n_startup_trials": 5,
         }
         if constraints:
             kwargs["constraints_func"] = constraints
@@ -503,10 +503,11 @@ def _judge(cand: Candidate, point: OperatingPoint, settings: SearchSettings) -> 
         cand.rejected = "incomplete re-measurement"
         return
     for run in cand.runs:
-        if run.get("failed", 0) > 0 or run.get("completed", point.num_prompts) < point.num_prompts:
+        asked = run.get("num_prompts", point.num_prompts)  # what that benchmark was told to send
+        if run.get("failed", 0) > 0 or run.get("completed", asked) < asked:
             cand.rejected = (
-                f"incomplete benchmark (completed {run.get('completed'):.0f} of "
-                f"{point.num_prompts}, failed {run.get('failed', 0):.0f})"
+                f"incomplete benchmark (completed {run.get('completed', 0):.0f} of "
+                f"{asked:.0f}, failed {run.get('failed', 0):.0f})"
             )
             return
     if cand.median and cand.mad / abs(cand.median) > settings.max_rel_mad:
@@ -544,7 +545,12 @@ def choose_winner(
     tol = settings.tie_tolerance * abs(best_score)
     tied = [c for c in ok if c.score(settings.minimize) >= best_score - tol]
     winner = min(tied, key=lambda c: (c.total_bytes, -c.score(settings.minimize)))
-    if winner is not off and not off.rejected:
+    if winner is off:  # off scored best, or within the tie tolerance of the best
+        notes.append(
+            f"nothing beat off by more than the {settings.tie_tolerance:.0%} tie tolerance; "
+            "the winner is off"
+        )
+    elif not off.rejected:
         cmp = _compare(winner, off, settings.minimize)
         if not cmp["significant"]:
             notes.append("nothing beat off beyond the noise; the winner is off")
@@ -602,7 +608,8 @@ def search_point(
         sim_best = _stored_winner(sim_path) if sim_path.exists() else None
         if sim_best is not None:
             seeds.append(("simulated best", sim_best))
-    enqueue_seeds(study, space, seeds)
+    if _spent(study) < settings.trials:  # a finished study re-run gets no new (WAITING) seeds
+        enqueue_seeds(study, space, seeds)
     label = f"max-num-seqs {point.max_num_seqs}"
     run_trials(study, space, backend, settings, progress, label, stop)
     outcome = SearchOutcome(point, None, None, None, stop.is_set(), name, storage_label)

@@ -129,4 +129,5 @@ def get_backend(name: str, **settings: Any) -> Backend:
 
 def _load_builtin() -> None:
     # Imported here so that importing the contract never imports every backend.
-    import prefetch_tune.backends.sim  # noqa: F401
+    import prefetch_tune.backends.sim
+    import prefetch_tune.backends.vllm  # noqa: F401

@@ -211,6 +211,9 @@ def search(
         _dry_run(be, points)
         return
     check_writable(settings.results_dir)
+    check_runtime = getattr(be, "check_runtime", None)
+    if check_runtime is not None:  # refuse a version/semantics mismatch before any study exists
+        check_runtime(points[0])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     outcomes = _run(points, be, settings)
     _report(outcomes, be.measured, settings)
