@@ -67,9 +67,13 @@ def main() -> None:
     base = load_hardware(args.profile)
     model = load_model(args.model)
     layout = Layout(tp=args.tp, dp=args.dp, ep=args.ep)
-    settings = [{}] if args.quick else [
-        dict(zip(RANGES, values, strict=True)) for values in itertools.product(*RANGES.values())
-    ]
+    settings = (
+        [{}]
+        if args.quick
+        else [
+            dict(zip(RANGES, values, strict=True)) for values in itertools.product(*RANGES.values())
+        ]
+    )
     t0 = time.perf_counter()
     print("setting | P1 | P2 | per max-num-seqs: default vs off %, optimum vs off %, optimum MiB")
     for overrides in settings:
@@ -83,12 +87,14 @@ def main() -> None:
             rows[n] = (default / off - 1, best / off - 1, best_mib, default / best - 1)
         doc = rows[args.doc]
         p1 = all(rows[n][2] < doc[2] for n in args.low) and all(
-            rows[n][2] >= doc[2] for n in args.high)
+            rows[n][2] >= doc[2] for n in args.high
+        )
         p2 = 0.01 <= doc[0] <= 0.10 and doc[3] >= -0.02
         label = " ".join(f"{k}={v:g}" for k, v in overrides.items()) or "as profiled"
         figures = "; ".join(f"{n}: {r[0]:+.2%} {r[1]:+.2%} {r[2]:.0f}" for n, r in rows.items())
-        print(f"{label} | {'yes' if p1 else 'no'} | {'yes' if p2 else 'no'} | {figures}",
-              flush=True)
+        print(
+            f"{label} | {'yes' if p1 else 'no'} | {'yes' if p2 else 'no'} | {figures}", flush=True
+        )
     print(f"({time.perf_counter() - t0:.1f} s)")
 
 

@@ -530,6 +530,8 @@ class SimBackend:
 
     def evaluate(self, config: PrefetchConfig, point: OperatingPoint, repeat: int = 0) -> Metrics:
         metrics, _ = evaluate_point(config, point)
+        if self.noise_pct <= 0:
+            return metrics  # noise-free: skip building the noise key
         key = f"{self.seed}|{config.canonical_json()}|{point.describe()}|{repeat}"
         return apply_noise(metrics, self.noise_pct, key)
 

@@ -21,6 +21,7 @@ Two semantics:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from prefetch_tune.models import Layout, MiB, ModelSpec
@@ -164,7 +165,8 @@ class _Site:
     consumer: str
 
 
-def _sites(model: ModelSpec, semantics: Semantics) -> list[_Site]:
+@lru_cache(maxsize=256)
+def _sites(model: ModelSpec, semantics: Semantics) -> tuple[_Site, ...]:
     sites = [
         _Site("attn.qkv", "qkv_proj", QKV_QUANT, QKV_QUANT, QKV_PROJ),
         _Site("attn.o", "o_proj", O_QUANT, O_QUANT, O_PROJ),
@@ -177,11 +179,24 @@ def _sites(model: ModelSpec, semantics: Semantics) -> list[_Site]:
             sites.append(_Site("attn.o", "down_proj", DOWN_QUANT, DOWN_QUANT, DOWN_PROJ))
         sites.append(_Site("mlp.gate_up", "gate_up_proj", POST_NORM, SWIGLU, GATE_UP_PROJ))
         sites.append(_Site("mlp.down", "down_proj", SWIGLU, SWIGLU, DOWN_PROJ))
-    return sites
+    return tuple(sites)
+
+
+@lru_cache(maxsize=256)
+def _weights(model: ModelSpec, layout: Layout) -> dict[str, int]:
+    """`model.weight_bytes(layout)`, computed once per model and layout (callers only read it)."""
+    return model.weight_bytes(layout)
 
 
 def dead_knobs(model: ModelSpec, semantics: Semantics, options: PlanOptions) -> dict[str, str]:
     """Knobs that can never fire for this model, semantics and options, with the reason."""
+    return dict(_dead_knobs(model, semantics, options))
+
+
+@lru_cache(maxsize=256)
+def _dead_knobs(
+    model: ModelSpec, semantics: Semantics, options: PlanOptions
+) -> tuple[tuple[str, str], ...]:
     dead: dict[str, str] = {}
     if model.quant != "w8a8":
         for knob in ("attn.qkv", "attn.o"):
@@ -211,7 +226,7 @@ def dead_knobs(model: ModelSpec, semantics: Semantics, options: PlanOptions) -> 
                 "uses only with sequence parallel / FlashComm1 "
                 "(--sequence-parallel)"
             )
-    return dead
+    return tuple(dead.items())
 
 
 def _is_capped(semantics: Semantics, knob: str) -> bool:
@@ -226,7 +241,14 @@ def flat_above(
     model: ModelSpec, layout: Layout, semantics: Semantics, options: PlanOptions
 ) -> dict[str, float | None]:
     """Per knob, the ratio above which larger ratios prefetch the same bytes (None: never)."""
-    weights = model.weight_bytes(layout)
+    return dict(_flat_above(model, layout, semantics, options))
+
+
+@lru_cache(maxsize=256)
+def _flat_above(
+    model: ModelSpec, layout: Layout, semantics: Semantics, options: PlanOptions
+) -> tuple[tuple[str, float | None], ...]:
+    weights = _weights(model, layout)
     out: dict[str, float | None] = {}
     for knob in KNOBS:
         sizes = [weights[s.weight] for s in _sites(model, semantics) if s.knob == knob]
@@ -235,7 +257,7 @@ def flat_above(
             continue
         ratio = _cap(semantics, options) / max(sizes)
         out[knob] = ratio if ratio < 1.0 else None
-    return out
+    return tuple(out.items())
 
 
 def _op_bytes(
@@ -274,7 +296,7 @@ def plan_layer(
     `tokens=None` skips the token thresholds: what the layer prefetches whenever it does.
     """
     options = options or PlanOptions()
-    weights = model.weight_bytes(layout)
+    weights = _weights(model, layout)
     dead = dead_knobs(model, semantics, options)
     ops: list[PrefetchOp] = []
     for site in _sites(model, semantics):

@@ -1,0 +1,262 @@
+"""Hardware profiles: every number carries its provenance, bad files are named, own files work."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from prefetch_tune.cli import app
+from prefetch_tune.errors import ConfigError
+from prefetch_tune.hardware import (
+    KINDS,
+    HardwareProfile,
+    builtin_profiles,
+    load_hardware,
+    parse_profile,
+)
+from prefetch_tune.resources import configs_dir
+
+BUILTIN = ("atlas-a2", "atlas-a3")
+NUMERIC = [f.name for f in fields(HardwareProfile) if f.name not in ("name", "source")]
+MIB = 1048576
+SIMULATE = ("simulate", "-m", "qwen3-32b", "--tp", "4", "--max-num-seqs", "72")
+
+
+def raw(name: str) -> dict[str, Any]:
+    return tomllib.loads((configs_dir() / "hardware" / f"{name}.toml").read_text())
+
+
+def dump_toml(doc: dict[str, Any]) -> str:
+    """Enough TOML for a profile: top-level scalars, then one table per field."""
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return json.dumps(v)
+        return repr(v)
+
+    lines = [f"{k} = {scalar(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    for key, table in doc.items():
+        if isinstance(table, dict):
+            lines.append(f"\n[{key}]")
+            lines.extend(f"{k} = {scalar(v)}" for k, v in table.items())
+    return "\n".join(lines) + "\n"
+
+
+def write_profile(tmp_path: Path, doc: dict[str, Any], name: str = "mine.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(dump_toml(doc))
+    return path
+
+
+def run(*args: str) -> Any:
+    return CliRunner().invoke(app, list(args))
+
+
+def assert_bad_input(result: Any, *needles: str) -> str:
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    assert result.exit_code == 2, (result.stdout, result.stderr)
+    lines: list[str] = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stderr + result.stdout
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- the built-in profiles
+
+
+def test_both_builtin_profiles_ship() -> None:
+    assert set(BUILTIN) <= set(builtin_profiles())
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_every_field_carries_value_unit_kind_source(name: str) -> None:
+    doc = raw(name)
+    assert doc["name"] == name
+    tables = {k for k, v in doc.items() if isinstance(v, dict)} - {"calibration"}
+    assert tables == set(NUMERIC)  # no field missing, none the model ignores
+    for key in NUMERIC:
+        entry = doc[key]
+        assert set(entry) == {"value", "unit", "kind", "source"}, key
+        assert isinstance(entry["value"], int | float) and not isinstance(entry["value"], bool)
+        assert entry["value"] >= 0, key
+        assert isinstance(entry["unit"], str) and entry["unit"].strip(), key
+        assert entry["kind"] in KINDS, key
+        assert isinstance(entry["source"], str) and len(entry["source"].strip()) >= 10, key
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_loaded_profile_is_the_file(name: str) -> None:
+    doc = raw(name)
+    hw = load_hardware(name)
+    assert hw.name == name
+    for key in NUMERIC:
+        assert getattr(hw, key) == float(doc[key]["value"]), key
+    assert hw.source.endswith(f"{name}.toml")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_calibrated_fields_are_estimates(name: str) -> None:
+    """Calibration adjusts only estimated (or fitted) numbers, never published ones."""
+    doc = raw(name)
+    names = doc["calibration"]["fitted"].split("(")[0]  # a note in parentheses may follow
+    fitted = [f.strip() for f in names.split(",") if f.strip()]
+    assert fitted
+    for key in fitted:
+        assert key in NUMERIC, key
+        assert doc[key]["kind"] in ("estimated", "fitted"), key
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_profile_numbers_are_physically_ordered(name: str) -> None:
+    hw = load_hardware(name)
+    assert hw.l2_bytes == 192 * MIB  # published (CANN platform ini, per rank)
+    assert hw.l2_bw > hw.hbm_bw  # L2 hits are worth something
+    assert hw.prefetch_bw <= hw.hbm_bw  # a fill reads HBM
+    assert hw.prefetch_bw < hw.l2_bw  # a matmul can catch up with a running fill
+    assert hw.hbm_bw <= 1.6e12  # physical HBM bandwidth per rank (reference §1.2)
+    assert hw.cube_int8_ops == pytest.approx(2 * hw.cube_bf16_flops, rel=0.05)
+    assert 0 < hw.vector_bw_fraction <= 1
+    assert 0 <= hw.prefetch_contention <= 1
+
+
+# ---------------------------------------------------------------- malformed profiles
+
+
+def broken(change: str) -> tuple[dict[str, Any], str]:
+    """A copy of atlas-a2 with one thing wrong, and the field the error must name."""
+    doc = raw("atlas-a2")
+    if change == "missing":
+        del doc["prefetch_bw"]
+        return doc, "prefetch_bw"
+    if change == "no-kind":
+        del doc["cmo_issue_us"]["kind"]
+        return doc, "cmo_issue_us"
+    if change == "bad-kind":
+        doc["cmo_issue_us"]["kind"] = "guessed"
+        return doc, "cmo_issue_us"
+    if change == "no-source":
+        del doc["stream_sync_us"]["source"]
+        return doc, "stream_sync_us"
+    if change == "blank-source":
+        doc["stream_sync_us"]["source"] = "  "
+        return doc, "stream_sync_us"
+    if change == "negative":
+        doc["kernel_overhead_us"]["value"] = -4.0
+        return doc, "kernel_overhead_us"
+    if change == "negative-bandwidth":
+        doc["hbm_bw"]["value"] = -1.3e12
+        return doc, "hbm_bw"
+    if change == "string-value":
+        doc["l2_bw"]["value"] = "fast"
+        return doc, "l2_bw"
+    if change == "bool-value":
+        doc["mte_interference"]["value"] = True
+        return doc, "mte_interference"
+    if change == "not-a-table":
+        doc["link_bw"] = 1.96e11
+        return doc, "link_bw"
+    if change == "zero-bandwidth":
+        doc["prefetch_bw"]["value"] = 0
+        return doc, "prefetch_bw"
+    if change == "fraction-above-1":
+        doc["vector_bw_fraction"]["value"] = 1.5
+        return doc, "vector_bw_fraction"
+    if change == "unknown-field":
+        doc["hbm_bw_typo"] = dict(doc["hbm_bw"])
+        return doc, "hbm_bw_typo"
+    if change == "no-name":
+        del doc["name"]
+        return doc, "name"
+    raise AssertionError(change)
+
+
+CHANGES = [
+    "missing",
+    "no-kind",
+    "bad-kind",
+    "no-source",
+    "blank-source",
+    "negative",
+    "negative-bandwidth",
+    "string-value",
+    "bool-value",
+    "not-a-table",
+    "zero-bandwidth",
+    "fraction-above-1",
+    "unknown-field",
+    "no-name",
+]
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_malformed_profile_names_the_field(change: str) -> None:
+    doc, field = broken(change)
+    with pytest.raises(ConfigError, match=field):
+        parse_profile(doc, "mine.toml")
+
+
+@pytest.mark.parametrize("change", ["missing", "no-kind", "no-source", "negative", "not-a-table"])
+def test_simulate_with_a_malformed_profile_exits_2(change: str, tmp_path: Path) -> None:
+    doc, field = broken(change)
+    path = write_profile(tmp_path, doc)
+    assert_bad_input(run(*SIMULATE, "--hardware", str(path)), field, str(path))
+
+
+def test_unknown_hardware_name_lists_the_builtin_ones() -> None:
+    line = assert_bad_input(run(*SIMULATE, "--hardware", "atlas-z9"), "--hardware atlas-z9")
+    assert "atlas-a2" in line and "atlas-a3" in line
+
+
+def test_missing_profile_file_and_unparseable_toml_exit_2(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    assert_bad_input(run(*SIMULATE, "--hardware", str(missing)), str(missing))
+    garbage = tmp_path / "garbage.toml"
+    garbage.write_text("name = 'x'\n[hbm_bw\nvalue = 1\n")
+    assert_bad_input(run(*SIMULATE, "--hardware", str(garbage)), str(garbage), "TOML")
+
+
+# ---------------------------------------------------------------- a user's own profile
+
+
+def simulate_json(*args: str) -> dict[str, Any]:
+    result = run(*SIMULATE, "--json", *args)
+    assert result.exit_code == 0, result.stderr
+    doc: dict[str, Any] = json.loads(result.stdout)
+    return doc
+
+
+def test_own_profile_file_works(tmp_path: Path) -> None:
+    doc = raw("atlas-a2")
+    doc["name"] = "my-a2"
+    doc["description"] = "a copy of atlas-a2"
+    same = write_profile(tmp_path, doc, "my-a2.toml")
+    builtin = simulate_json("--hardware", "atlas-a2")
+    mine = simulate_json("--hardware", str(same))
+    assert mine["point"]["hardware"] == str(same)
+    assert mine["metrics"] == builtin["metrics"]  # same numbers, same model
+    assert load_hardware(str(same)).name == "my-a2"
+
+    doc["hbm_bw"] = {**doc["hbm_bw"], "value": 2 * doc["hbm_bw"]["value"], "kind": "fitted"}
+    faster = write_profile(tmp_path, doc, "my-faster-a2.toml")
+    quick = simulate_json("--hardware", str(faster))
+    for key in ("output_throughput", "sim_decode_step_ms"):
+        assert quick["metrics"][key] != builtin["metrics"][key]
+    assert quick["metrics"]["output_throughput"] > builtin["metrics"]["output_throughput"]
+    assert quick["metrics"]["mean_tpot_ms"] < builtin["metrics"]["mean_tpot_ms"]
+
+
+def test_own_profile_without_suffix_is_looked_up_by_name(tmp_path: Path) -> None:
+    """A bare word is a built-in name, never a file in the working directory."""
+    result = run(*SIMULATE, "--hardware", "my-a2")
+    assert_bad_input(result, "--hardware my-a2", "unknown profile")
