@@ -91,6 +91,13 @@ def step_trace(step: StepResult, device: int = 0) -> dict[str, Any]:
         "otherData": {
             "generator": "prefetch-tune simulate (SIMULATED timeline, not a measurement)",
             "model": step.layer_plan.model.name,
+            "quant": step.layer_plan.model.quant,
+            "layout": {
+                "tp": step.layer_plan.layout.tp,
+                "dp": step.layer_plan.layout.dp,
+                "ep": step.layer_plan.layout.ep,
+            },
+            "sequence_parallel": step.layer_plan.options.sequence_parallel,
             "semantics": step.layer_plan.semantics,
             "tokens_per_forward": step.tokens,
             "config": step.layer_plan.config.to_json_obj(),

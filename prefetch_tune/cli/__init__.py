@@ -12,6 +12,7 @@ from prefetch_tune.cli.apply import apply
 from prefetch_tune.cli.common import STATE
 from prefetch_tune.cli.models_cmd import models
 from prefetch_tune.cli.plan import plan
+from prefetch_tune.cli.profile_cmd import profile
 from prefetch_tune.cli.search import search
 from prefetch_tune.cli.show import show
 from prefetch_tune.cli.simulate import simulate
@@ -49,6 +50,7 @@ app.command("models")(models)
 app.command("simulate")(simulate)
 app.command("search")(search)
 app.command("show")(show)
+app.command("profile")(profile)
 
 
 def main() -> None:
