@@ -982,6 +982,7 @@ class Rules:
     """Thresholds of the verdict (the guide's rule made numeric)."""
 
     late_tol_us: float = 0.5  # a CMO ending up to this long after its vector op is not late
+    min_useful_bytes: float = 1024 * 1024  # a prefetch smaller than this cannot pay its sync
     slack_frac: float = 0.2  # ending this share of the vector op early or more is slack
     late_share: float = 0.5  # late in more than this share of instances -> lower / off
     borderline_share: float = 0.1  # late in more than this share -> no raise
@@ -1441,23 +1442,43 @@ def verdict(
         current = min(1.0, k.bytes_median / op.weight_bytes)
     fit = k.vector_median_us / k.cmo_median_us if k.cmo_median_us > 0 else 0.0
     hint = round(min(1.0, current * fit), 3) if current is not None else None
+    if (
+        op is not None
+        and op.join_after != op.start_before
+        and k.late_share > rules.late_share
+        and stall <= rules.late_tol_us
+    ):
+        return (
+            "keep",
+            f"runs {k.late_median_us:.1f} µs past {vec} but is joined only after "
+            f"{op.join_after}: no stall",
+            None,
+        )
+    if k.late_share > rules.late_share and hidden <= rules.late_tol_us:
+        return (
+            "off",
+            f"hides nothing behind {vec} (overlap {k.overlap_median:.0%}); the compute stream "
+            f"waits {stall:.1f} µs for it",
+            0.0,
+        )
     if k.late_share > rules.late_share:
-        if k.late_median_us > hidden:
+        fits_bytes = hint * op.weight_bytes if hint is not None and op is not None else None
+        if fits_bytes is not None and fits_bytes < rules.min_useful_bytes:
             return (
                 "off",
-                f"ends {k.late_median_us:.1f} µs after {vec} in {pct}: later than the "
-                f"{hidden:.1f} µs it hides",
-                0.0,
-            )
-        if stall > hidden:
-            return (
-                "off",
-                f"late in {pct}; the {stall:.1f} µs join stall outweighs the {hidden:.1f} µs it hides",
+                f"ends {k.late_median_us:.1f} µs after {vec} in {pct}; only "
+                f"{fits_bytes / MiB:.2f} MiB fits behind it, too little to pay for its "
+                "issue and sync",
                 0.0,
             )
         return (
             "lower",
-            f"ends {k.late_median_us:.1f} µs after {vec} ({k.vector_median_us:.1f} µs) in {pct}",
+            f"ends {k.late_median_us:.1f} µs after {vec} ({k.vector_median_us:.1f} µs) in {pct}"
+            + (
+                f"; the {stall:.1f} µs join stall exceeds the {hidden:.1f} µs it hides"
+                if stall > hidden
+                else ""
+            ),
             hint,
         )
     if stall > max(hidden, rules.late_tol_us):

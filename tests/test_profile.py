@@ -200,10 +200,14 @@ def test_sim_dense_default_recovers_each_knob(tmp_path: Path) -> None:
     check_against_sim(report, step)
     assert [k.knob for k in report.knobs] == ["attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"]
     by = {k.knob: k for k in report.knobs}
-    # qkv: 15.1 µs CMO behind a 6.9 µs quantize -> late by more than it hides -> off
-    assert by["attn.qkv"].verdict == "off"
+    # qkv: 15.1 µs CMO behind a 6.9 µs quantize -> late -> lower, with the size that fits
+    assert by["attn.qkv"].verdict == "lower"
+    assert 0 < (by["attn.qkv"].ratio_hint or 0) < 1
     assert by["mlp.down"].verdict == "lower"
     assert by["mlp.down"].stall_source == "EVENT_WAIT"
+    # gate_up runs past its norm but is joined only after SwiGlu, with no stall: keep
+    assert by["mlp.gate_up"].verdict == "keep"
+    assert "no stall" in by["mlp.gate_up"].reason
     # the gate_up join sits after its consumer: the matmul starts before the fill ends
     assert by["mlp.gate_up"].consumer_margin_median_us is not None
     assert by["mlp.gate_up"].consumer_margin_median_us < 0
@@ -431,7 +435,7 @@ HAND_KNOBS: dict[str, tuple[str, str, str, float, float]] = {
     "mlp.gate_up": ("gate_up_proj", "gate_up", "down", -0.8, 9.9),
     "mlp.down": ("down_proj", "down", "down", 0.5, 15.0),
 }
-HAND_VERDICTS = {"attn.qkv": "raise", "attn.o": "lower", "mlp.gate_up": "keep", "mlp.down": "off"}
+HAND_VERDICTS = {"attn.qkv": "raise", "attn.o": "lower", "mlp.gate_up": "keep", "mlp.down": "lower"}
 HAND_ARGS = (
     "--model",
     "qwen3-32b",
@@ -833,7 +837,7 @@ def test_hand_trace_view(tmp_path: Path, string_ts: bool) -> None:
     check_hand(report, trace)
     by = {k.knob: k for k in report.knobs}
     assert by["attn.o"].stall_source == "EVENT_WAIT"
-    assert by["mlp.down"].ratio_hint == 0.0
+    assert by["mlp.down"].ratio_hint is not None and 0 < by["mlp.down"].ratio_hint < 0.3
     assert by["attn.qkv"].ratio_hint is not None and by["attn.qkv"].ratio_hint > 0.5
     assert by["mlp.gate_up"].overlap_median < 1.0  # it starts 0.8 µs before its op
 

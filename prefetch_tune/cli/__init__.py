@@ -13,9 +13,11 @@ from prefetch_tune.cli.common import STATE
 from prefetch_tune.cli.models_cmd import models
 from prefetch_tune.cli.plan import plan
 from prefetch_tune.cli.profile_cmd import profile
+from prefetch_tune.cli.report import report
 from prefetch_tune.cli.search import search
 from prefetch_tune.cli.show import show
 from prefetch_tune.cli.simulate import simulate
+from prefetch_tune.cli.sweep import sweep
 
 app = typer.Typer(
     name="prefetch-tune",
@@ -51,6 +53,8 @@ app.command("simulate")(simulate)
 app.command("search")(search)
 app.command("show")(show)
 app.command("profile")(profile)
+app.command("sweep")(sweep)
+app.command("report")(report)
 
 
 def main() -> None:
