@@ -52,6 +52,39 @@ GRID_LEVELS = 6
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal noise
 HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
 
+# Numeric metrics of `vllm bench serve`'s saved JSON (DESIGN.md 3.2); latencies with any
+# --metric-percentiles. Checked before a study is touched, so a typo is exit 2, not a bad trial.
+BENCH_METRICS = (
+    frozenset(
+        {
+            "duration",
+            "completed",
+            "failed",
+            "num_prompts",
+            "max_concurrency",
+            "total_input_tokens",
+            "total_output_tokens",
+            "request_throughput",
+            "request_goodput",
+            "output_throughput",
+            "total_token_throughput",
+            "max_output_tokens_per_s",
+            "max_concurrent_requests",
+            "rtfx",
+        }
+    )
+    | LOWER_IS_BETTER
+)
+_LATENCY = re.compile(r"(mean|median|std|p\d+(\.\d+)?)_(ttft|tpot|itl|e2el)_ms")
+
+
+def check_metric(name: str, flag: str) -> None:
+    if name not in BENCH_METRICS and not _LATENCY.fullmatch(name):
+        raise ConfigError(
+            f"{flag} {name}: not a vllm bench serve metric "
+            "(e.g. output_throughput, mean_tpot_ms, p99_tpot_ms)"
+        )
+
 
 @dataclass(frozen=True)
 class Slo:
@@ -114,10 +147,13 @@ class SearchSettings:
             raise ConfigError(f"--timeout {self.timeout}: must be > 0")
         if not 0 <= self.tie_tolerance < 1:
             raise ConfigError(f"--tie-tolerance {self.tie_tolerance}: must be in [0, 1)")
+        check_metric(self.objective, "--objective")
+        for slo in self.slos:
+            check_metric(slo.metric, f"--slo {slo}:")
 
     @property
     def minimize(self) -> bool:
-        return self.objective in LOWER_IS_BETTER
+        return self.objective in LOWER_IS_BETTER or bool(_LATENCY.fullmatch(self.objective))
 
 
 class Progress:
@@ -215,14 +251,64 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def fail_orphans(study: optuna.Study) -> int:
-    """Journal storage has no heartbeat: fail RUNNING trials whose owner on this host is gone."""
+# Every search on a journal holds a shared flock on `<journal>.users` while it runs (the kernel
+# drops it when the process dies, even by SIGKILL). A search that gets it exclusively is the only
+# live one on this host: every RUNNING trial there is an orphan, including one killed between its
+# creation and its owner tag, and a journal lock file left by a killed writer is stale (Optuna's
+# file locks would otherwise stall the next run for their 30 s grace period).
+_JOURNAL_USERS: dict[str, int] = {}
+
+
+def claim_journal(path: str) -> bool:
+    """Join the searches using a journal file; True when no other live process on this host is."""
+    import fcntl
+
+    old = _JOURNAL_USERS.pop(path, None)
+    if old is not None:
+        os.close(old)
+    fd = os.open(f"{path}.users", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    if alone:
+        Path(f"{path}.lock").unlink(missing_ok=True)  # JournalFileSymlinkLock of a killed run
+        _drop_torn_tail(Path(path))
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _JOURNAL_USERS[path] = fd
+    return alone
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last record (a writer killed mid-append); Optuna would refuse to read
+    the journal once another record follows it."""
+    data = path.read_bytes() if path.exists() else b""
+    if data and not data.endswith(b"\n"):
+        with path.open("rb+") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+        log.warning("%s: dropped a half-written last record of a killed run", path)
+
+
+def release_journal(path: str) -> None:
+    fd = _JOURNAL_USERS.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def fail_orphans(study: optuna.Study, alone: bool = False) -> int:
+    """Journal storage has no heartbeat: fail RUNNING trials whose owner on this host is gone.
+
+    `alone`: no other search on this host uses the study (see `claim_journal`), so a RUNNING
+    trial of this host, or one without an owner tag yet, is an orphan whatever its pid.
+    """
     host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = str(trial.user_attrs.get("owner", ""))
         owner_host, _, pid = owner.rpartition(":")
-        if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
+        mine = owner_host == host and pid.isdigit()
+        if (alone and (mine or not owner)) or (mine and not _pid_alive(int(pid))):
             study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
             study._storage.set_trial_user_attr(trial._trial_id, "failure_class", "interrupted")
             study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
@@ -311,6 +397,24 @@ def _measured(study: optuna.Study) -> tuple[dict[str, optuna.trial.FrozenTrial],
     return done, failed
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, *args: Any, **kwargs: Any) -> None:
+    """`study.tell`, minus GridSampler's `study.stop()` once its grid is exhausted.
+
+    Outside `optimize()` that stop raises RuntimeError after the trial is stored; the loop ends
+    on `_grid_exhausted` instead.
+    """
+    try:
+        study.tell(trial, *args, **kwargs)
+    except RuntimeError as exc:
+        if "Study.stop" not in str(exc):
+            raise
+
+
+def _grid_exhausted(study: optuna.Study) -> bool:
+    sampler = study.sampler
+    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
+
+
 def _tell_complete(
     study: optuna.Study, trial: optuna.Trial, value: float, constraints: list[float]
 ) -> None:
@@ -319,7 +423,7 @@ def _tell_complete(
         if HAS_SET_CONSTRAINT:
             for i, c in enumerate(constraints):
                 trial.set_constraint(f"slo{i}", c)
-    study.tell(trial, value)
+    _tell(study, trial, value)
 
 
 def _best(study: optuna.Study, settings: SearchSettings) -> float | None:
@@ -354,6 +458,9 @@ def run_trials(
         if deadline is not None and time.monotonic() >= deadline:
             progress.message(f"{label}: --timeout reached")
             break
+        if _grid_exhausted(study):
+            progress.message(f"{label}: every grid point was tried")
+            break
         try:
             trial = study.ask(dists)
         except RuntimeError as exc:  # e.g. GridSampler exhausted
@@ -379,7 +486,7 @@ def run_trials(
         elif key in failed:
             trial.set_user_attr("failure_class", "skipped")
             trial.set_user_attr("failure", f"same config failed in trial {failed[key]}; not re-run")
-            study.tell(trial, state=TrialState.FAIL)
+            _tell(study, trial, state=TrialState.FAIL)
         else:
             _evaluate_trial(study, trial, config, space.point, backend, settings)
         progress.advance(label, min(_spent(study), settings.trials), _best(study, settings))
@@ -396,20 +503,27 @@ def _evaluate_trial(
     try:
         metrics = backend.evaluate(config, point, repeat=0)
     except BackendError as exc:
-        trial.set_user_attr("failure_class", getattr(exc, "failure_class", "backend_error"))
+        trial.set_user_attr("failure_class", exc.failure_class or "backend_error")
         trial.set_user_attr("failure", " ".join(str(exc).split())[:500])
-        study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, state=TrialState.FAIL)
         return
     except BaseException:
         trial.set_user_attr("failure_class", "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
+        _tell(study, trial, state=TrialState.FAIL)
         raise
     trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
     for extra in ("log", "bench_json", "serve_command", "bench_command"):
         if extra in getattr(backend, "last_artifacts", {}):
             trial.set_user_attr(extra, backend.last_artifacts[extra])  # type: ignore[attr-defined]
-    constraints = [slo.violation(metrics) for slo in settings.slos]
-    _tell_complete(study, trial, _objective_value(settings, metrics), constraints)
+    try:
+        constraints = [slo.violation(metrics) for slo in settings.slos]
+        value = _objective_value(settings, metrics)
+    except ConfigError as exc:  # the backend lacks the metric: fail the trial, then stop
+        trial.set_user_attr("failure_class", "bad_metric")
+        trial.set_user_attr("failure", str(exc))
+        _tell(study, trial, state=TrialState.FAIL)
+        raise
+    _tell_complete(study, trial, value, constraints)
 
 
 # ---------------------------------------------------------------- winner selection
@@ -555,6 +669,11 @@ def choose_winner(
         if not cmp["significant"]:
             notes.append("nothing beat off beyond the noise; the winner is off")
             winner = off
+    else:
+        notes.append(
+            f"off itself was rejected ({off.rejected}), so the gain over off is unknown; "
+            "re-run when the measurements are stable before relying on this winner"
+        )
     return winner, notes
 
 
@@ -575,6 +694,7 @@ def search_point(
     space = build_space(point)
     name = study_name(point, backend.name)
     storage, storage_label = storage_for(settings, name)
+    alone = not settings.storage and claim_journal(storage_label)
     direction: Literal["minimize", "maximize"] = "minimize" if settings.minimize else "maximize"
     study = optuna.create_study(
         study_name=name,
@@ -588,7 +708,7 @@ def search_point(
             f"--objective {settings.objective}: study {name} in {storage_label} "
             f"was created to {study.direction.name.lower()}; use another --storage"
         )
-    orphans = fail_orphans(study)
+    orphans = fail_orphans(study, alone)
     if orphans:
         progress.message(f"{name}: marked {orphans} trial(s) left RUNNING by a killed run as FAIL")
     path = result_path(settings.results_dir, point, backend.name)
@@ -627,6 +747,7 @@ def search_point(
     csv = trials_path(settings.results_dir, point, backend.name)
     write_trials_csv(study, csv)
     outcome.result, outcome.path, outcome.trials_csv, outcome.notes = doc, path, csv, notes
+    release_journal(storage_label)
     return outcome
 
 

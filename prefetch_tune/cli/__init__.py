@@ -14,6 +14,7 @@ from prefetch_tune.cli.models_cmd import models
 from prefetch_tune.cli.plan import plan
 from prefetch_tune.cli.profile_cmd import profile
 from prefetch_tune.cli.report import report
+from prefetch_tune.cli.runtime_check import runtime_check
 from prefetch_tune.cli.search import search
 from prefetch_tune.cli.show import show
 from prefetch_tune.cli.simulate import simulate
@@ -55,6 +56,7 @@ app.command("show")(show)
 app.command("profile")(profile)
 app.command("sweep")(sweep)
 app.command("report")(report)
+app.command("runtime-check")(runtime_check)
 
 
 def main() -> None:
