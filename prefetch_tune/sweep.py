@@ -18,7 +18,6 @@ in every output (JUnit, Markdown, CSV).
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import json
 import math
@@ -26,7 +25,6 @@ import re
 import tempfile
 import threading
 import time
-import tomllib
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -51,6 +49,7 @@ from prefetch_tune.prefetch import (
 from prefetch_tune.results import atomic_write, iter_results, load_result, point_slug, result_path
 from prefetch_tune.runtime.plan import PlanOptions
 from prefetch_tune.space import build_space
+from prefetch_tune.tuneconfig import check_keys, read_toml
 from prefetch_tune.tuner import (
     Candidate,
     Progress,
@@ -137,31 +136,10 @@ class Plan:
     vllm: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_keys(raw: dict[str, Any], allowed: dict[str, tuple[type, ...]], where: str) -> None:
-    for key, value in raw.items():
-        if key not in allowed:
-            close = difflib.get_close_matches(key, list(allowed), n=1)
-            hint = f", did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
-        types = allowed[key]
-        if isinstance(value, bool) and bool not in types:
-            raise ConfigError(f"{where}: {key} must be {types[0].__name__}, got a boolean")
-        if not isinstance(value, types):
-            names = " or ".join(t.__name__ for t in types)
-            raise ConfigError(f"{where}: {key} must be {names}, got {value!r}")
-
-
 def load_plan(path: Path) -> Plan:
     """Read a sweep plan; a bad key, type, model or layout is a ConfigError naming it."""
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such sweep plan") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, not a sweep plan") from None
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
-    _check_keys(doc, PLAN_KEYS, str(path))
+    doc = read_toml(path, "sweep plan")
+    check_keys(doc, PLAN_KEYS, str(path))
     plan = Plan(
         path=path,
         every_stored_result=bool(doc.get("every_stored_result", False)),
@@ -186,7 +164,7 @@ def load_plan(path: Path) -> Plan:
 
 
 def _plan_points(raw: dict[str, Any], where: str) -> list[PlanPoint]:
-    _check_keys(raw, POINT_KEYS, where)
+    check_keys(raw, POINT_KEYS, where)
     for required in ("model", "max_num_seqs"):
         if required not in raw:
             raise ConfigError(f"{where}: missing key {required!r}")

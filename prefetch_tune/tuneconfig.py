@@ -5,6 +5,7 @@ given on the command line win over the file.
 
 from __future__ import annotations
 
+import difflib
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -38,37 +39,40 @@ SEARCH_KEYS: dict[str, tuple[type, ...]] = {
     "output_len": (int,),
     "tie_tolerance": (int, float),
 }
-TABLES = ("vllm",)
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict; a missing, unreadable or invalid file is a ConfigError."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such {what}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a {what}") from None
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML for a {what} ({exc})") from None
+
+
+def check_keys(raw: dict[str, Any], allowed: dict[str, tuple[type, ...]], where: str) -> None:
+    """Unknown keys (with a did-you-mean) and wrongly typed values are ConfigErrors."""
+    for key, value in raw.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, list(allowed), n=1)
+            hint = f", did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}")
+        types = allowed[key]
+        if isinstance(value, bool) and bool not in types:
+            raise ConfigError(f"{where}: {key} must be {types[0].__name__}, got a boolean")
+        if not isinstance(value, types):
+            names = " or ".join(t.__name__ for t in types)
+            raise ConfigError(f"{where}: {key} must be {names}, got {value!r}")
 
 
 def load_tune_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(search options, `[vllm]` table) from a tune TOML; ConfigError names the bad key."""
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--config {path}: no such file") from None
-    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"--config {path}: not valid TOML ({exc})") from None
-    options: dict[str, Any] = {}
-    tables: dict[str, Any] = {}
-    for raw_key, value in doc.items():
-        key = raw_key.replace("-", "_")
-        if key in TABLES:
-            if not isinstance(value, dict):
-                raise ConfigError(f"{path}: [{raw_key}] must be a table")
-            tables[key] = value
-            continue
-        if key not in SEARCH_KEYS:
-            import difflib
-
-            close = difflib.get_close_matches(key, [*SEARCH_KEYS, *TABLES], n=1)
-            hint = f", did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{path}: unknown key {raw_key!r}{hint}")
-        types = SEARCH_KEYS[key]
-        if isinstance(value, bool) and bool not in types:
-            raise ConfigError(f"{path}: {raw_key} must be {types[0].__name__}, got a boolean")
-        if not isinstance(value, types):
-            names = " or ".join(t.__name__ for t in types)
-            raise ConfigError(f"{path}: {raw_key} must be {names}, got {value!r}")
-        options[key] = value
-    return options, tables.get("vllm", {})
+    doc = {k.replace("-", "_"): v for k, v in read_toml(path, "tune file").items()}
+    vllm = doc.pop("vllm", {})
+    if not isinstance(vllm, dict):
+        raise ConfigError(f"{path}: [vllm] must be a table")
+    check_keys(doc, {**SEARCH_KEYS, "vllm": (dict,)}, str(path))
+    return doc, vllm

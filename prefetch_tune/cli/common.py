@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 from prefetch_tune.errors import ConfigError, PrefetchTuneError
-from prefetch_tune.models import QUANTS, Layout, ModelSpec, Quant, load_model
+from prefetch_tune.models import QUANTS, Layout, MiB, ModelSpec, Quant, load_model
 from prefetch_tune.prefetch import (
     SEMANTICS,
     PrefetchConfig,
@@ -20,7 +20,7 @@ from prefetch_tune.prefetch import (
     parse_config_json,
     parse_set_options,
 )
-from prefetch_tune.runtime.plan import DEFAULT_CAP_BYTES, PlanOptions
+from prefetch_tune.runtime.plan import PlanOptions
 
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out_console = Console()
@@ -119,7 +119,7 @@ def resolve_options(sequence_parallel: bool, cap_mib: float) -> PlanOptions:
         raise ConfigError(f"--cap-mib {cap_mib}: must be > 0")
     return PlanOptions(
         sequence_parallel=sequence_parallel,
-        cap_bytes=int(cap_mib * 1024 * 1024) if cap_mib else DEFAULT_CAP_BYTES,
+        cap_bytes=int(cap_mib * MiB),
     )
 
 
