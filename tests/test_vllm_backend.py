@@ -32,6 +32,7 @@ from prefetch_tune.backends.vllm import (
 from prefetch_tune.errors import BackendError, ConfigError
 from prefetch_tune.models import Layout, load_model
 from prefetch_tune.prefetch import PrefetchConfig, Semantics
+from prefetch_tune.runtime.versions import PROBE_MARK
 from prefetch_tune.tuneconfig import load_tune_file
 from prefetch_tune.tuner import SearchSettings, search_point
 
@@ -227,15 +228,17 @@ def test_runtime_check_falls_back_to_vllm_version_and_refuses_a_semantics_mismat
 
 def test_plugin_semantics_need_prefetch_tune_in_the_serving_env(tmp_path: Path) -> None:
     fake_python = tmp_path / "python"
-    fake_python.write_text(
+    fake_python.write_text(  # answers the shared probe (runtime.versions) like such a Python
         "#!/bin/sh\necho '"
+        + PROBE_MARK
         + json.dumps(
             {
                 "python": "x",
-                "vllm": "0.25.1",
-                "vllm_ascend": "0.25.1rc1",
-                "prefetch_tune": None,
+                "versions": {"vllm": "0.25.1", "vllm-ascend": "0.25.1rc1", "prefetch-tune": None},
+                "vllm_ascend_importable": True,
+                "native_module": False,
                 "prefetch_tune_importable": False,
+                "entry_points": [],
             }
         )
         + "'\n"

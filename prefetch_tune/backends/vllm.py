@@ -12,9 +12,10 @@ Failures (startup_timeout, server_crash, out_of_memory, benchmark_failure, incom
 raise ``BackendError`` with that ``failure_class``: the study records them and goes on. Bad
 settings raise ``ConfigError`` naming the key.
 
-Before the first server the runtime check asks the serving environment's Python (``python``
-below, else ``--python``, else the interpreter of the ``vllm`` script) for its vllm,
-vllm-ascend and prefetch-tune versions; without vllm-ascend there it falls back to
+Before the first server the runtime check runs the shared probe (``runtime.versions``) in the
+serving environment's Python (``python`` below, else ``--python``, else the interpreter of the
+``vllm`` script) for its vllm, vllm-ascend and prefetch-tune versions and whether vllm-ascend
+ships the native prefetch module; without vllm-ascend there it falls back to
 ``vllm --version`` (vLLM-Ascend releases carry vLLM's version numbers) and says so.
 vllm-ascend v0.15.0rc1 .. v0.23.x has the native ``weight_prefetch_config`` (``--semantics
 native-0.23``); v0.24.0rc1 and later removed it, so prefetch-tune's plugin runs it
@@ -78,9 +79,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
-
-from packaging.version import InvalidVersion, Version
+from typing import Any
 
 from prefetch_tune.backends.base import Metrics, OperatingPoint, register_backend
 from prefetch_tune.backends.bench import BenchSettings, build_bench_command, run_bench
@@ -89,6 +88,17 @@ from prefetch_tune.errors import BackendError, ConfigError
 from prefetch_tune.models import MiB
 from prefetch_tune.prefetch import ROOT_KEY, PrefetchConfig, Semantics, emit, load_json_object
 from prefetch_tune.resources import configs_dir
+from prefetch_tune.runtime.plugin import ENV_CAP_MIB, ENV_MARKER_DIR
+from prefetch_tune.runtime.versions import (
+    ENTRY_POINT_GROUP,
+    MLP_ENV,
+    entry_point,
+    mlp_env_problem,
+    probe_request,
+    run_probe,
+    runtime_for,
+    semantics_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,31 +137,8 @@ ADDITIONAL_CONFIG = "--additional-config"
 
 RUNTIME_LINE = re.compile(r"prefetch-tune runtime: (active|inactive)\b")
 """The serve-log line prefetch-tune's plugin writes once a worker has loaded its model."""
-ENV_MARKER_DIR = "PREFETCH_TUNE_MARKER_DIR"  # the plugin writes prefetch-tune-<pid>.json there
-ENV_CAP_MIB = "PREFETCH_TUNE_CAP_MIB"  # the plugin's per-prefetch cap (from --cap-mib)
 
-NATIVE_FIRST = Version("0.15.0rc1")
-PLUGIN_FIRST = Version("0.24.0rc1")
-NATIVE_ATTN_MOE_FIRST = Version("0.11.0rc1")
-DEPRECATED_MLP_ENV_LAST = Version("0.17.0")  # v0.15.0rc1 .. v0.17.0rc1 still read the env vars
 PROBE_TIMEOUT = 120.0
-
-PROBE_CODE = r"""
-import importlib.metadata as md, importlib.util as iu, json, sys
-def ver(name):
-    try:
-        return md.version(name)
-    except Exception:
-        return None
-print(json.dumps({
-    "python": sys.executable,
-    "vllm": ver("vllm"),
-    "vllm_ascend": ver("vllm-ascend") or ver("vllm_ascend"),
-    "prefetch_tune": ver("prefetch-tune"),
-    "prefetch_tune_importable": iu.find_spec("prefetch_tune") is not None,
-}))
-"""
-"""Run by the serving environment's Python: versions only, nothing heavy is imported."""
 
 
 # ---------------------------------------------------------------- settings
@@ -347,6 +334,7 @@ class RuntimeInfo:
     prefetch_tune_importable: bool | None
     semantics: Semantics
     notes: tuple[str, ...] = ()
+    reason: str = ""  # why these versions mean these semantics (the shared version rule)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -356,36 +344,9 @@ class RuntimeInfo:
             "serving_python": self.python,
             "prefetch_tune_in_serving_env": self.prefetch_tune,
             "semantics_detected": self.semantics,
+            "semantics_reason": self.reason,
             "runtime_notes": list(self.notes),
         }
-
-
-def _parse_version(text: str, what: str) -> Version:
-    try:
-        return Version(text.strip().lstrip("vV"))
-    except InvalidVersion:
-        raise ConfigError(f"{what} {text!r} is not a version prefetch-tune can read") from None
-
-
-def semantics_for(version: str, what: str = "vllm-ascend") -> Semantics:
-    """native-0.23 for v0.15.0rc1 .. v0.23.x, plugin for v0.24.0rc1+; older is refused."""
-    v = _parse_version(version, what)
-    if v >= PLUGIN_FIRST:
-        return "plugin"
-    if v >= NATIVE_FIRST:
-        return "native-0.23"
-    if v >= NATIVE_ATTN_MOE_FIRST:
-        why = (
-            "its weight_prefetch_config has only the attn and moe ratios (the mlp ratios came in "
-            "v0.15.0rc1; before that MLP prefetch was two env-var byte sizes)"
-        )
-    else:
-        why = "it has no weight_prefetch_config at all (it came in v0.11.0rc1)"
-    raise ConfigError(
-        f"{what} {version}: not supported, {why}; prefetch-tune tunes vllm-ascend v0.15.0rc1 .. "
-        "v0.23.x natively (--semantics native-0.23) and v0.24.0rc1 or later with its own plugin "
-        "(--semantics plugin): upgrade the serving environment"
-    )
 
 
 def _env_path(env: Mapping[str, str]) -> str:
@@ -432,23 +393,6 @@ def _run_quiet(cmd: list[str], env: Mapping[str, str]) -> subprocess.CompletedPr
         raise ConfigError(f"runtime check: cannot run {shlex.join(cmd)}: {exc}") from None
 
 
-def probe_python(python: str, env: Mapping[str, str]) -> dict[str, Any]:
-    """The versions a Python sees (importlib.metadata only; nothing heavy is imported)."""
-    proc = _run_quiet([python, "-c", PROBE_CODE], env)
-    lines = proc.stdout.strip().splitlines()
-    try:
-        if proc.returncode != 0 or not lines:
-            raise ValueError(proc.stderr.strip()[-500:] or f"exit code {proc.returncode}")
-        info: Any = json.loads(lines[-1])
-        if not isinstance(info, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as exc:
-        raise ConfigError(
-            f"runtime check: the Python {python} could not be probed: {exc}"
-        ) from None
-    return cast(dict[str, Any], info)
-
-
 VERSION_IN_TEXT = re.compile(r"v?(\d+\.\d+(?:\.\d+)?(?:\S*)?)")
 
 
@@ -468,22 +412,35 @@ def cli_version(executable: str, env: Mapping[str, str]) -> str:
 
 
 def check_runtime(python: str | None, executable: str, env: Mapping[str, str]) -> RuntimeInfo:
-    """Find the serving environment's versions and the semantics they imply (see module doc)."""
+    """Find the serving environment's versions and the semantics they imply (see module doc).
+
+    The probe and the version rule are the shared ones of `prefetch_tune.runtime.versions`.
+    """
     notes: list[str] = []
-    probe: dict[str, Any] = {}
+    facts: dict[str, Any] = {}
     used_python = python or script_python(executable, env)
     if used_python is not None:
         try:
-            probe = probe_python(used_python, env)
-        except ConfigError as exc:
+            facts = run_probe(
+                used_python,
+                probe_request(),
+                env=env,
+                timeout=PROBE_TIMEOUT,
+                label=f"runtime check: the Python {used_python}",
+            )
+        except (ConfigError, BackendError) as exc:
             if python is not None:  # the user named it: a broken one is an error
-                raise
+                raise ConfigError(str(exc)) from None
             notes.append(f"{exc}; ignored it")
-    ascend = probe.get("vllm_ascend")
-    vllm = probe.get("vllm")
+    versions = facts.get("versions") or {}
+    ascend = versions.get("vllm-ascend")
+    vllm = versions.get("vllm")
     if isinstance(ascend, str):
         source = f"importlib.metadata in {used_python}"
-        semantics = semantics_for(ascend, "vllm-ascend")
+        native = facts.get("native_module")
+        semantics, reason = runtime_for(
+            ascend, "vllm-ascend", native if isinstance(native, bool) else None
+        )
     else:
         where = f"the Python {used_python}" if used_python else "no serving Python (set `python`)"
         vllm = cli_version(executable, env)
@@ -492,10 +449,10 @@ def check_runtime(python: str | None, executable: str, env: Mapping[str, str]) -
             f"vllm-ascend not found by {where}; took vLLM's version {vllm} from "
             f"`{executable} --version` as vllm-ascend's (their releases share version numbers)"
         )
-        semantics = semantics_for(vllm, f"vllm (from `{executable} --version`)")
+        semantics, reason = runtime_for(vllm, f"vllm (from `{executable} --version`)")
         ascend = None
     serving_env = isinstance(ascend, str)  # the probed Python is the serving environment
-    importable = probe.get("prefetch_tune_importable") if serving_env else None
+    importable = facts.get("prefetch_tune_importable") if serving_env else None
     if semantics == "plugin":
         if importable is False:
             raise ConfigError(
@@ -509,19 +466,25 @@ def check_runtime(python: str | None, executable: str, env: Mapping[str, str]) -
                 "could not verify that prefetch-tune (the plugin) is installed in the serving "
                 "environment; without it every candidate measures like off"
             )
+        elif entry_point(facts) is None:
+            notes.append(
+                f"prefetch-tune is importable in {used_python} but its {ENTRY_POINT_GROUP} "
+                "entry point is not visible there, so vLLM will not load the plugin; "
+                "reinstall it (`pip install prefetch-tune`, not a path on PYTHONPATH)"
+            )
     for note in notes:
         log.warning("prefetch-tune runtime check: %s", note)
+    tune_version = versions.get("prefetch-tune")
     return RuntimeInfo(
         vllm=vllm if isinstance(vllm, str) else None,
         vllm_ascend=ascend if isinstance(ascend, str) else None,
         source=source,
         python=used_python,
-        prefetch_tune=probe.get("prefetch_tune")
-        if isinstance(probe.get("prefetch_tune"), str)
-        else None,
+        prefetch_tune=tune_version if isinstance(tune_version, str) else None,
         prefetch_tune_importable=importable if isinstance(importable, bool) else None,
         semantics=semantics,
         notes=tuple(notes),
+        reason=reason,
     )
 
 
@@ -608,33 +571,19 @@ class VllmBackend:
             self._check_deprecated_env(self.runtime)
         detected = self.runtime.semantics
         if point.semantics != detected:
-            version = self.runtime.vllm_ascend or self.runtime.vllm
             raise ConfigError(
-                f"--semantics {point.semantics}: the serving environment runs vllm-ascend "
-                f"{version} ({self.runtime.source}), which needs --semantics {detected} "
-                + (
-                    "(v0.15.0rc1 .. v0.23.x read weight_prefetch_config natively)"
-                    if detected == "native-0.23"
-                    else "(v0.24.0rc1 and later removed the native prefetch; the plugin runs it)"
-                )
+                f"--semantics {point.semantics} does not fit the serving environment: "
+                f"{self.runtime.reason} ({self.runtime.source}), so it needs --semantics {detected}"
             )
         return self.runtime
 
     def _check_deprecated_env(self, info: RuntimeInfo) -> None:
-        version = info.vllm_ascend or info.vllm
-        if version is None or info.semantics != "native-0.23":
+        if info.semantics != "native-0.23":
             return
-        if _parse_version(version, "vllm-ascend") > DEPRECATED_MLP_ENV_LAST:
-            return
-        value = self.env.get(
-            "VLLM_ASCEND_ENABLE_PREFETCH_MLP", os.environ.get("VLLM_ASCEND_ENABLE_PREFETCH_MLP", "")
-        )
-        if value not in ("", "0", "false", "False"):
-            raise ConfigError(
-                f"{TABLE} env: VLLM_ASCEND_ENABLE_PREFETCH_MLP={value} makes vllm-ascend "
-                f"{version} use the MLP prefetch env-var byte sizes instead of the tuned mlp "
-                "ratios; unset it"
-            )
+        value = self.env.get(MLP_ENV, os.environ.get(MLP_ENV, ""))
+        problem = mlp_env_problem(info.vllm_ascend or info.vllm, value)
+        if problem is not None:
+            raise ConfigError(f"{TABLE} env: {problem}")
 
     # -- commands ------------------------------------------------------------------------
 

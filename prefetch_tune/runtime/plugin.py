@@ -26,12 +26,10 @@ from __future__ import annotations
 
 import importlib.abc
 import importlib.machinery
-import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import time
@@ -39,11 +37,23 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from prefetch_tune import __version__
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.prefetch import PrefetchConfig, parse_additional_config
+from prefetch_tune.runtime.versions import (
+    DISTS,
+    ENTRY_POINT_GROUP,
+    ENTRY_POINT_NAME,
+    ENTRY_POINT_VALUE,
+    NATIVE_MODULE,
+    Verdict,
+    classify,
+    dist_version,
+    parse_version,
+    probe,
+)
 
 if TYPE_CHECKING:
     from prefetch_tune.models import Layout, ModelSpec, Quant
@@ -56,92 +66,9 @@ ENV_RUNTIME = "PREFETCH_TUNE_RUNTIME"
 ENV_MARKER_DIR = "PREFETCH_TUNE_MARKER_DIR"
 ENV_CAP_MIB = "PREFETCH_TUNE_CAP_MIB"
 MODES = ("auto", "off", "force")
-NATIVE_MODULE = "vllm_ascend.ops.weight_prefetch"
 WORKER_MODULE = "vllm_ascend.worker.worker"
-ENTRY_POINT_GROUP = "vllm.general_plugins"
-ENTRY_POINT_NAME = "prefetch_tune"
-ENTRY_POINT_VALUE = "prefetch_tune.runtime.plugin:register"
-
-Verdict = Literal["absent", "unsupported", "native", "plugin"]
 
 # ------------------------------------------------------------------------------ version checks
-
-_VERSION_RE = re.compile(
-    r"^v?(\d+)\.(\d+)(?:\.(\d+))?(?:(a|b|rc)(\d+))?(?:\.?post(\d+))?(?:\.?dev(\d+))?(?:\+.*)?$"
-)
-_PRE_RANK = {"a": 0, "b": 1, "rc": 2}
-
-VersionKey = tuple[int, int, int, int, int, int, int]
-
-
-def parse_version(text: str) -> VersionKey | None:
-    """A sortable key for PEP 440-ish versions (`0.23.0`, `0.24.0rc1`, `0.24.1.dev5+g1a2b`)."""
-    match = _VERSION_RE.match(text.strip())
-    if match is None:
-        return None
-    major, minor, patch, pre, pre_n, post, dev = match.groups()
-    if pre:
-        stage = _PRE_RANK[pre]
-    elif dev and not post:
-        stage = -1  # X.Y.Z.devN comes before X.Y.Z's pre-releases
-    else:
-        stage = 3
-    return (
-        int(major),
-        int(minor),
-        int(patch or 0),
-        stage,
-        int(pre_n or 0),
-        int(post or 0),
-        0 if dev else 1,
-    )
-
-
-FIRST_NATIVE_MLP = "0.15.0rc1"  # weight_prefetch_config with the mlp knobs
-FIRST_WITHOUT_NATIVE = "0.24.0rc1"  # weight prefetch removed (#11949)
-
-
-def _is_dev_build(version: str) -> bool:
-    return "dev" in version or "+" in version
-
-
-def classify(
-    version: str | None, native_module: bool, importable: bool = True
-) -> tuple[Verdict, str]:
-    """Which runtime serves `weight_prefetch_config` for this vLLM-Ascend, and why."""
-    if not importable:
-        return "absent", "vllm-ascend is not installed"
-    shown = f"vllm-ascend {version}" if version else "vllm-ascend (version unknown)"
-    key = parse_version(version) if version else None
-    if key is not None and key < _KEY_FIRST_NATIVE_MLP:
-        return (
-            "unsupported",
-            f"{shown} is older than v{FIRST_NATIVE_MLP}: before it the mlp knobs are read from "
-            "VLLM_ASCEND_* environment variables, not weight_prefetch_config; prefetch-tune "
-            f"supports v{FIRST_NATIVE_MLP}..v0.23.x (native) and v{FIRST_WITHOUT_NATIVE} and "
-            "later (its plugin)",
-        )
-    if native_module:
-        return (
-            "native",
-            f"{shown} has native weight prefetch ({NATIVE_MODULE}); it reads "
-            "weight_prefetch_config itself, so the plugin stays off",
-        )
-    if key is not None and key < _KEY_FIRST_WITHOUT and version and not _is_dev_build(version):
-        return (
-            "native",
-            f"{shown} is in v{FIRST_NATIVE_MLP}..v0.23.x, which has native weight prefetch; "
-            "the plugin stays off",
-        )
-    return (
-        "plugin",
-        f"{shown} has no native weight prefetch (removed in v{FIRST_WITHOUT_NATIVE}); "
-        "prefetch-tune's plugin runs it",
-    )
-
-
-_KEY_FIRST_NATIVE_MLP = parse_version(FIRST_NATIVE_MLP) or (0, 0, 0, 0, 0, 0, 0)
-_KEY_FIRST_WITHOUT = parse_version(FIRST_WITHOUT_NATIVE) or (0, 0, 0, 0, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -155,46 +82,14 @@ class AscendInfo:
     reason: str
 
 
-def _package_locations(name: str) -> list[str] | None:
-    """Search locations of package `name` (None: not importable), without importing it."""
-    module = sys.modules.get(name)
-    if module is not None:
-        return [str(p) for p in getattr(module, "__path__", None) or []]
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    return [str(p) for p in spec.submodule_search_locations or []]
-
-
-def _native_module_present(locations: Sequence[str]) -> bool:
-    if NATIVE_MODULE in sys.modules:
-        return True
-    for location in locations:
-        ops = Path(location) / "ops"
-        if (ops / "weight_prefetch.py").is_file() or (ops / "weight_prefetch").is_dir():
-            return True
-    return False
-
-
-def dist_version(name: str) -> str | None:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def detect_ascend() -> AscendInfo:
-    locations = _package_locations("vllm_ascend")
-    if locations is None:
-        verdict, reason = classify(None, False, importable=False)
-        return AscendInfo(False, None, False, verdict, reason)
-    native = _native_module_present(locations)
-    version = dist_version("vllm-ascend") or dist_version("vllm_ascend")
-    verdict, reason = classify(version, native)
-    return AscendInfo(True, version, native, verdict, reason)
+    """The version rule applied to this process's vLLM-Ascend (the shared probe, in-process)."""
+    facts = probe({"dists": ["vllm-ascend"], "native_module": NATIVE_MODULE})
+    importable = bool(facts["vllm_ascend_importable"])
+    version = facts["versions"]["vllm-ascend"] if importable else None
+    native = importable and bool(facts["native_module"])
+    verdict, reason = classify(version, native, importable)
+    return AscendInfo(importable, version, native, verdict, reason)
 
 
 # ---------------------------------------------------------------------------- config and facts
@@ -318,13 +213,7 @@ def _set_status(state: str, reason: str, **facts: Any) -> PluginStatus:
 
 
 def versions() -> dict[str, str | None]:
-    return {
-        "prefetch-tune": __version__,
-        "vllm": dist_version("vllm"),
-        "vllm-ascend": dist_version("vllm-ascend"),
-        "torch": dist_version("torch"),
-        "torch-npu": dist_version("torch-npu") or dist_version("torch_npu"),
-    }
+    return {**{dist: dist_version(dist) for dist in DISTS}, "prefetch-tune": __version__}
 
 
 def write_marker(extra: Mapping[str, Any] | None = None) -> Path | None:
@@ -681,3 +570,36 @@ def reset() -> None:
 def installed_report() -> InstallReport | None:
     """What the last activation installed (None before any)."""
     return _STATE.report
+
+
+__all__ = [  # the version rule and the entry point's identity are re-exported from versions
+    "ENTRY_POINT_GROUP",
+    "ENTRY_POINT_NAME",
+    "ENTRY_POINT_VALUE",
+    "ENV_CAP_MIB",
+    "ENV_MARKER_DIR",
+    "ENV_RUNTIME",
+    "MODES",
+    "NATIVE_MODULE",
+    "WORKER_MODULE",
+    "AscendInfo",
+    "PluginStatus",
+    "Verdict",
+    "activate",
+    "announce",
+    "classify",
+    "detect_ascend",
+    "dist_version",
+    "installed_report",
+    "model_facts",
+    "parse_version",
+    "plan_options",
+    "read_prefetch_config",
+    "register",
+    "reset",
+    "runtime_mode",
+    "status",
+    "versions",
+    "worker_vllm_config",
+    "write_marker",
+]
