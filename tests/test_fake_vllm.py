@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -403,7 +404,10 @@ def test_crash_mid_benchmark_is_classified(
         assert server.poll() == 1
     assert info.value.failure_class == expected
     if expected == FailureClass.INCOMPLETE_BENCHMARK:
-        assert "3 of 12 requests completed" in str(info.value)
+        # The server dies after its 3rd completion; the other request in flight (concurrency 2)
+        # may finish in the same instant, so 3 or 4 complete, never all.
+        match = re.search(r"(\d+) of 12 requests completed", str(info.value))
+        assert match is not None and int(match.group(1)) in (3, 4), str(info.value)
     assert live_group(server.pgid or 0) == []
 
 
