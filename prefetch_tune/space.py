@@ -19,6 +19,12 @@ from prefetch_tune.runtime.plan import flat_above, live_knobs, plan_layer
 # 256 KiB of prefetch is ~0.25 us of fill at 1 TB/s: below what a benchmark can resolve.
 KEY_GRANULARITY = 256 * 1024
 
+# Each knob's sampling range starts at -OFF_ZONE x its bound; anything <= 0 means "this knob off".
+# A prefetch too small to pay for its issue and sync costs is worse than none (DESIGN.md 4,
+# property 3), so optima often have some knobs exactly off (Qwen3-32B TP4 at max-num-seqs 8:
+# mlp.gate_up alone). A continuous [0, bound] range almost never samples an exact 0.
+OFF_ZONE = 0.75
+
 
 @dataclass(frozen=True)
 class SearchSpace:
@@ -31,9 +37,13 @@ class SearchSpace:
     def bound(self, knob: str) -> float:
         return dict(self.upper)[knob]
 
+    def low(self, knob: str) -> float:
+        """Lower end of a knob's sampling range; the part below 0 is the knob's off zone."""
+        return -OFF_ZONE * self.bound(knob)
+
     def config(self, params: Mapping[str, float]) -> PrefetchConfig:
         """The config a trial's params describe; dead knobs off; all knobs off means off."""
-        ratios = {k: float(params.get(k, 0.0)) if k in self.knobs else 0.0 for k in KNOBS}
+        ratios = {k: max(0.0, float(params.get(k, 0.0))) if k in self.knobs else 0.0 for k in KNOBS}
         if not any(ratios.values()):
             return PrefetchConfig.off()
         return PrefetchConfig(enabled=True, ratios=tuple((k, ratios[k]) for k in KNOBS))
@@ -75,4 +85,4 @@ def build_space(point: OperatingPoint) -> SearchSpace:
     return SearchSpace(point=point, knobs=knobs, upper=upper)
 
 
-__all__ = ["DEFAULT_RATIOS", "KEY_GRANULARITY", "SearchSpace", "build_space"]
+__all__ = ["DEFAULT_RATIOS", "KEY_GRANULARITY", "OFF_ZONE", "SearchSpace", "build_space"]

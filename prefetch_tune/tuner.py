@@ -410,9 +410,13 @@ def _tell(study: optuna.Study, trial: optuna.Trial, *args: Any, **kwargs: Any) -
             raise
 
 
-def _grid_exhausted(study: optuna.Study) -> bool:
-    sampler = study.sampler
-    return isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study)
+def _grid_exhausted(study: optuna.Study, space: SearchSpace) -> bool:
+    """Every grid point has a trial (cheaper than GridSampler.is_exhausted, which is O(trials x
+    grid values) per call)."""
+    if not isinstance(study.sampler, optuna.samplers.GridSampler):
+        return False
+    ids = {t.system_attrs.get("grid_id") for t in study.get_trials(deepcopy=False)}
+    return len(ids - {None}) >= int(GRID_LEVELS ** len(space.knobs))
 
 
 def _tell_complete(
@@ -458,7 +462,7 @@ def run_trials(
         if deadline is not None and time.monotonic() >= deadline:
             progress.message(f"{label}: --timeout reached")
             break
-        if _grid_exhausted(study):
+        if _grid_exhausted(study, space):
             progress.message(f"{label}: every grid point was tried")
             break
         try:
