@@ -38,8 +38,10 @@ from prefetch_tune.backends.base import OperatingPoint
 from prefetch_tune.backends.sim import SimBackend, evaluate_point
 from prefetch_tune.models import Layout, load_model
 from prefetch_tune.prefetch import PrefetchConfig, parse_weight_prefetch_config
+from prefetch_tune.settings import SearchSettings
 from prefetch_tune.space import SearchSpace, build_space
-from prefetch_tune.tuner import GRID_LEVELS, SearchSettings, search_point
+from prefetch_tune.studies import GRID_LEVELS
+from prefetch_tune.tuner import search_point
 
 OBJECTIVE = "output_throughput"
 NOISE_PCT = 1.0

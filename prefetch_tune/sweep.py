@@ -3,7 +3,7 @@
 A sweep plan (TOML) names operating points (`[[point]]` tables) or takes every stored result
 (`every_stored_result = true`). For each point with a stored result the winner, `off` and
 vLLM-Ascend's `default` are re-measured with the same repeat and noise rules as `search`
-(`tuner.remeasure`, `tuner._judge`, `tuner._compare`). A point regresses when
+(`selection.remeasure`, `judge`, `compare`). A point regresses when
 
 - the winner's objective median falls below the stored one by more than
   max(tolerance, noise band), or
@@ -48,17 +48,10 @@ from prefetch_tune.prefetch import (
 )
 from prefetch_tune.results import atomic_write, iter_results, load_result, point_slug, result_path
 from prefetch_tune.runtime.plan import PlanOptions
+from prefetch_tune.selection import Candidate, compare, judge, remeasure
+from prefetch_tune.settings import Progress, SearchSettings, Slo
 from prefetch_tune.space import build_space
 from prefetch_tune.tuneconfig import check_keys, read_toml
-from prefetch_tune.tuner import (
-    Candidate,
-    Progress,
-    SearchSettings,
-    Slo,
-    _compare,
-    _judge,
-    remeasure,
-)
 
 DEFAULT_TOLERANCE_PCT = 2.0
 
@@ -622,7 +615,7 @@ def check_point(
         out.notes.append("interrupted")
         return out
     for cand in unique:
-        _judge(cand, point, settings)
+        judge(cand, point, settings)
     _evaluate(out, doc, by_role, tolerance, settings.minimize)
     out.seconds = time.monotonic() - started
     return out
@@ -657,7 +650,7 @@ def _evaluate(
         )
     else:
         ref = _stored_candidate(stored["winner"], "stored winner")
-        cmp = _compare(winner, ref, minimize)
+        cmp = compare(winner, ref, minimize)
         if cmp["pct"] is None:
             out.checks.append(
                 Check(
@@ -713,7 +706,7 @@ def _evaluate(
                 )
                 break
         else:
-            cmp = _compare(winner, baseline, minimize)
+            cmp = compare(winner, baseline, minimize)
             pct = cmp["pct"]
             band = cmp["band_pct"]
             stored_pct = float(was.get("pct") or 0.0)

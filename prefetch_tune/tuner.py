@@ -1,24 +1,16 @@
-"""The search: one Optuna study per operating point, then a noise-aware choice of the winner.
+"""The search of one operating point: seed an Optuna study, run ask-and-tell trials, pick the
+winner and write the result.
 
-The study lives in durable storage (a journal file under the results directory by default, or
-any Optuna storage URL such as PostgreSQL so several hosts share one study). It is seeded with
-off, vLLM-Ascend's defaults, the stored best for the point, the winners of neighbouring
-concurrencies and, for real runs, the simulated winner. A candidate whose effective bytes were
-already measured reuses that value; a backend failure becomes a FAIL trial with its reason and
-the study goes on. The winner is not
-Optuna's single best value: the top finalists, off and default are re-measured, scored
-conservatively (median minus a MAD penalty), unstable or incomplete ones are rejected, a tie
-goes to fewer prefetched bytes, and when nothing beats off beyond the noise the winner is off.
+The study (see `studies`) is seeded with off, vLLM-Ascend's defaults, the stored best for the
+point, the winners of neighbouring concurrencies and, for real runs, the simulated winner. A
+candidate whose effective bytes were already measured reuses that value; a backend failure
+becomes a FAIL trial with its reason and the study goes on. The winner is not Optuna's single
+best value but the noise-aware choice of `selection`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import math
-import os
-import re
-import socket
 import statistics
 import threading
 import time
@@ -31,7 +23,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from optuna.trial import TrialState
 
 from prefetch_tune import __version__
-from prefetch_tune.backends.base import LOWER_IS_BETTER, Backend, Metrics, OperatingPoint
+from prefetch_tune.backends.base import Backend, OperatingPoint
 from prefetch_tune.errors import BackendError, ConfigError
 from prefetch_tune.models import MiB
 from prefetch_tune.prefetch import PrefetchConfig, emit, parse_weight_prefetch_config
@@ -43,125 +35,23 @@ from prefetch_tune.results import (
     trials_path,
     write_result,
 )
+from prefetch_tune.selection import Candidate, choose_winner, compare, remeasure
+from prefetch_tune.settings import Progress, SearchSettings
 from prefetch_tune.space import SearchSpace, build_space
+from prefetch_tune.studies import (
+    GRID_LEVELS,
+    HAS_SET_CONSTRAINT,
+    claim_journal,
+    fail_orphans,
+    make_sampler,
+    owner,
+    release_journal,
+    spent,
+    storage_for,
+    study_name,
+)
 
 log = logging.getLogger(__name__)
-
-SAMPLERS = ("tpe", "gp", "random", "grid")
-GRID_LEVELS = 6
-MAD_SCALE = 1.4826  # MAD -> standard deviation for normal noise
-HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
-
-# Numeric metrics of `vllm bench serve`'s saved JSON (DESIGN.md 3.2); latencies with any
-# --metric-percentiles. Checked before a study is touched, so a typo is exit 2, not a bad trial.
-BENCH_METRICS = (
-    frozenset(
-        {
-            "duration",
-            "completed",
-            "failed",
-            "num_prompts",
-            "max_concurrency",
-            "total_input_tokens",
-            "total_output_tokens",
-            "request_throughput",
-            "request_goodput",
-            "output_throughput",
-            "total_token_throughput",
-            "max_output_tokens_per_s",
-            "max_concurrent_requests",
-            "rtfx",
-        }
-    )
-    | LOWER_IS_BETTER
-)
-_LATENCY = re.compile(r"(mean|median|std|p\d+(\.\d+)?)_(ttft|tpot|itl|e2el)_ms")
-
-
-def check_metric(name: str, flag: str) -> None:
-    if name not in BENCH_METRICS and not _LATENCY.fullmatch(name):
-        raise ConfigError(
-            f"{flag} {name}: not a vllm bench serve metric "
-            "(e.g. output_throughput, mean_tpot_ms, p99_tpot_ms)"
-        )
-
-
-@dataclass(frozen=True)
-class Slo:
-    """A service-level constraint on one metric, e.g. `p99_tpot_ms<=50`."""
-
-    metric: str
-    op: Literal["<=", ">="]
-    bound: float
-
-    @classmethod
-    def parse(cls, text: str) -> Slo:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*", text)
-        if not m:
-            raise ConfigError(
-                f"--slo {text}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. p99_tpot_ms<=50"
-            )
-        try:
-            bound = float(m.group(3))
-        except ValueError:
-            raise ConfigError(f"--slo {text}: {m.group(3)!r} is not a number") from None
-        op: Literal["<=", ">="] = "<=" if m.group(2) == "<=" else ">="
-        return cls(m.group(1), op, bound)
-
-    def violation(self, metrics: Metrics) -> float:
-        """<= 0 when met (Optuna's feasibility convention)."""
-        value = metrics.get(self.metric)
-        if value is None:
-            raise ConfigError(f"--slo {self}: the backend reports no metric {self.metric!r}")
-        return value - self.bound if self.op == "<=" else self.bound - value
-
-    def __str__(self) -> str:
-        return f"{self.metric}{self.op}{self.bound:g}"
-
-
-@dataclass(frozen=True)
-class SearchSettings:
-    """How to search one operating point."""
-
-    results_dir: Path
-    trials: int = 30
-    timeout: float | None = None
-    repeats: int = 3
-    objective: str = "output_throughput"
-    slos: tuple[Slo, ...] = ()
-    sampler: str = "tpe"
-    seed: int = 0
-    storage: str | None = None
-    finalists: int = 3
-    tie_tolerance: float = 0.01
-    max_rel_mad: float = 0.10
-
-    def check(self) -> None:
-        if self.trials <= 0:
-            raise ConfigError(f"--trials {self.trials}: must be > 0")
-        if self.repeats <= 0:
-            raise ConfigError(f"--repeats {self.repeats}: must be > 0")
-        if self.sampler not in SAMPLERS:
-            raise ConfigError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"--timeout {self.timeout}: must be > 0")
-        if not 0 <= self.tie_tolerance < 1:
-            raise ConfigError(f"--tie-tolerance {self.tie_tolerance}: must be in [0, 1)")
-        check_metric(self.objective, "--objective")
-        for slo in self.slos:
-            check_metric(slo.metric, f"--slo {slo}:")
-
-    @property
-    def minimize(self) -> bool:
-        return self.objective in LOWER_IS_BETTER or bool(_LATENCY.fullmatch(self.objective))
-
-
-class Progress:
-    """What a search reports while it runs; the CLI draws it, tests ignore it."""
-
-    def start(self, label: str, total: int, done: int) -> None: ...
-    def advance(self, label: str, done: int, best: float | None) -> None: ...
-    def message(self, text: str) -> None: ...
 
 
 @dataclass
@@ -175,155 +65,6 @@ class SearchOutcome:
     storage: str
     moved_damaged: Path | None = None
     notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- study plumbing
-
-
-def study_name(point: OperatingPoint, backend: str) -> str:
-    return f"{point_slug(point, backend)}-mns{point.max_num_seqs}"
-
-
-def storage_for(settings: SearchSettings, name: str) -> tuple[optuna.storages.BaseStorage, str]:
-    """The study's storage: the given URL, or a journal file under the results directory."""
-    if settings.storage:
-        url = settings.storage
-        try:
-            return optuna.storages.get_storage(url), url
-        except Exception as exc:
-            raise ConfigError(
-                f"--storage {url}: cannot open ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from None
-    path = settings.results_dir / "studies" / f"{name}.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path))), str(path)
-
-
-def make_sampler(settings: SearchSettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
-    constraints = None if HAS_SET_CONSTRAINT or not settings.slos else _constraints_from_attrs
-    if settings.sampler == "tpe":
-        # Pinned so results do not change with Optuna's defaults (4.x vs 5.x).
-        kwargs: dict[str, Any] = {
-            "seed": settings.seed,
-            "multivariate": True,
-            "constant_liar": True,
-            "n_startup_trials": 5,
-        }
-        if constraints:
-            kwargs["constraints_func"] = constraints
-        return optuna.samplers.TPESampler(**kwargs)
-    if settings.sampler == "gp":
-        if not all(importlib.util.find_spec(m) for m in ("scipy", "torch")):
-            raise ConfigError(
-                "--sampler gp needs torch and scipy (pip install "
-                "'prefetch-tune[gp]' or torch==2.13.0 scipy)"
-            ) from None
-        gkw: dict[str, Any] = {"seed": settings.seed, "deterministic_objective": False}
-        if constraints:
-            gkw["constraints_func"] = constraints
-        return optuna.samplers.GPSampler(**gkw)
-    if settings.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=settings.seed)
-    grid = {
-        k: [space.bound(k) * i / (GRID_LEVELS - 1) for i in range(GRID_LEVELS)] for k in space.knobs
-    }
-    return optuna.samplers.GridSampler(grid, seed=settings.seed)
-
-
-def _constraints_from_attrs(trial: optuna.trial.FrozenTrial) -> list[float]:
-    return list(trial.user_attrs.get("constraints", []))
-
-
-def _owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-# Every search on a journal holds a shared flock on `<journal>.users` while it runs (the kernel
-# drops it when the process dies, even by SIGKILL). A search that gets it exclusively is the only
-# live one on this host: every RUNNING trial there is an orphan, including one killed between its
-# creation and its owner tag, and a journal lock file left by a killed writer is stale (Optuna's
-# file locks would otherwise stall the next run for their 30 s grace period).
-_JOURNAL_USERS: dict[str, int] = {}
-
-
-def claim_journal(path: str) -> bool:
-    """Join the searches using a journal file; True when no other live process on this host is."""
-    import fcntl
-
-    old = _JOURNAL_USERS.pop(path, None)
-    if old is not None:
-        os.close(old)
-    fd = os.open(f"{path}.users", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        alone = True
-    except BlockingIOError:
-        alone = False
-    if alone:
-        Path(f"{path}.lock").unlink(missing_ok=True)  # JournalFileSymlinkLock of a killed run
-        _drop_torn_tail(Path(path))
-    fcntl.flock(fd, fcntl.LOCK_SH)
-    _JOURNAL_USERS[path] = fd
-    return alone
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a half-written last record (a writer killed mid-append); Optuna would refuse to read
-    the journal once another record follows it."""
-    data = path.read_bytes() if path.exists() else b""
-    if data and not data.endswith(b"\n"):
-        with path.open("rb+") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-        log.warning("%s: dropped a half-written last record of a killed run", path)
-
-
-def release_journal(path: str) -> None:
-    fd = _JOURNAL_USERS.pop(path, None)
-    if fd is not None:
-        os.close(fd)
-
-
-def fail_orphans(study: optuna.Study, alone: bool = False) -> int:
-    """Journal storage has no heartbeat: fail RUNNING trials whose owner on this host is gone.
-
-    `alone`: no other search on this host uses the study (see `claim_journal`), so a RUNNING
-    trial of this host, or one without an owner tag yet, is an orphan whatever its pid.
-    """
-    host = socket.gethostname()
-    failed = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = str(trial.user_attrs.get("owner", ""))
-        owner_host, _, pid = owner.rpartition(":")
-        mine = owner_host == host and pid.isdigit()
-        if (alone and (mine or not owner)) or (mine and not _pid_alive(int(pid))):
-            study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
-            study._storage.set_trial_user_attr(trial._trial_id, "failure_class", "interrupted")
-            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            failed += 1
-    return failed
-
-
-def _spent(study: optuna.Study) -> int:
-    """Trials that count against the budget: all but orphans and queued seeds."""
-    n = 0
-    for t in study.get_trials(deepcopy=False):
-        if t.state == TrialState.WAITING or t.user_attrs.get("orphaned"):
-            continue
-        n += 1
-    return n
 
 
 # ---------------------------------------------------------------- seeding
@@ -372,15 +113,6 @@ def enqueue_seeds(
 
 
 # ---------------------------------------------------------------- the search loop
-
-
-def _objective_value(settings: SearchSettings, metrics: Metrics) -> float:
-    if settings.objective not in metrics:
-        raise ConfigError(
-            f"--objective {settings.objective}: the backend reports no such metric "
-            f"(known: {', '.join(sorted(k for k in metrics if not k.startswith('sim_')))})"
-        )
-    return float(metrics[settings.objective])
 
 
 def _measured(study: optuna.Study) -> tuple[dict[str, optuna.trial.FrozenTrial], dict[str, int]]:
@@ -455,9 +187,9 @@ def run_trials(
         k: FloatDistribution(space.low(k), space.bound(k)) for k in space.knobs
     }
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
-    progress.start(label, settings.trials, min(_spent(study), settings.trials))
+    progress.start(label, settings.trials, min(spent(study), settings.trials))
     while not stop.is_set():
-        if _spent(study) >= settings.trials:
+        if spent(study) >= settings.trials:
             break
         if deadline is not None and time.monotonic() >= deadline:
             progress.message(f"{label}: --timeout reached")
@@ -470,7 +202,7 @@ def run_trials(
         except RuntimeError as exc:  # e.g. GridSampler exhausted
             progress.message(f"{label}: sampler has nothing left ({exc})")
             break
-        trial.set_user_attr("owner", _owner())
+        trial.set_user_attr("owner", owner())
         config = space.config(trial.params)
         key = space.key(config)
         trial.set_user_attr("key", key)
@@ -493,7 +225,7 @@ def run_trials(
             _tell(study, trial, state=TrialState.FAIL)
         else:
             _evaluate_trial(study, trial, config, space.point, backend, settings)
-        progress.advance(label, min(_spent(study), settings.trials), _best(study, settings))
+        progress.advance(label, min(spent(study), settings.trials), _best(study, settings))
 
 
 def _evaluate_trial(
@@ -521,7 +253,7 @@ def _evaluate_trial(
             trial.set_user_attr(extra, backend.last_artifacts[extra])  # type: ignore[attr-defined]
     try:
         constraints = [slo.violation(metrics) for slo in settings.slos]
-        value = _objective_value(settings, metrics)
+        value = settings.objective_value(metrics)
     except ConfigError as exc:  # the backend lacks the metric: fail the trial, then stop
         trial.set_user_attr("failure_class", "bad_metric")
         trial.set_user_attr("failure", str(exc))
@@ -530,34 +262,7 @@ def _evaluate_trial(
     _tell_complete(study, trial, value, constraints)
 
 
-# ---------------------------------------------------------------- winner selection
-
-
-@dataclass
-class Candidate:
-    label: str
-    config: PrefetchConfig
-    key: str
-    total_bytes: int
-    values: list[float] = field(default_factory=list)
-    runs: list[Metrics] = field(default_factory=list)
-    rejected: str = ""
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values) if self.values else math.nan
-
-    @property
-    def mad(self) -> float:
-        if not self.values:
-            return math.nan
-        med = self.median
-        return statistics.median(abs(v - med) for v in self.values)
-
-    def score(self, minimize: bool) -> float:
-        """Conservative: the median moved one noise-sigma in the unfavourable direction."""
-        penalty = MAD_SCALE * self.mad
-        return -(self.median + penalty) if minimize else self.median - penalty
+# ---------------------------------------------------------------- finalists
 
 
 def _finalists(
@@ -590,95 +295,6 @@ def _finalists(
         picked += 1
         out.append(Candidate(f"trial {t.number}", config, key, space.total_bytes(config)))
     return out
-
-
-def remeasure(
-    cands: list[Candidate],
-    point: OperatingPoint,
-    backend: Backend,
-    settings: SearchSettings,
-    progress: Progress,
-    stop: threading.Event,
-) -> None:
-    for cand in cands:
-        for r in range(1, settings.repeats + 1):
-            if stop.is_set():
-                return
-            try:
-                metrics = backend.evaluate(cand.config, point, repeat=r)
-            except BackendError as exc:
-                cand.rejected = f"run {r} failed: {' '.join(str(exc).split())[:200]}"
-                break
-            cand.runs.append(metrics)
-            cand.values.append(_objective_value(settings, metrics))
-        progress.message(f"re-measured {cand.label}: median {cand.median:,.2f}")
-
-
-def _judge(cand: Candidate, point: OperatingPoint, settings: SearchSettings) -> None:
-    if cand.rejected:
-        return
-    if len(cand.values) < settings.repeats:
-        cand.rejected = "incomplete re-measurement"
-        return
-    for run in cand.runs:
-        asked = run.get("num_prompts", point.num_prompts)  # what that benchmark was told to send
-        if run.get("failed", 0) > 0 or run.get("completed", asked) < asked:
-            cand.rejected = (
-                f"incomplete benchmark (completed {run.get('completed', 0):.0f} of "
-                f"{asked:.0f}, failed {run.get('failed', 0):.0f})"
-            )
-            return
-    if cand.median and cand.mad / abs(cand.median) > settings.max_rel_mad:
-        cand.rejected = f"unstable (relative MAD {cand.mad / abs(cand.median):.1%})"
-        return
-    med = {k: statistics.median(r[k] for r in cand.runs) for k in cand.runs[0]}
-    for slo in settings.slos:
-        if slo.violation(med) > 0:
-            cand.rejected = f"violates {slo} (median {med[slo.metric]:.3g})"
-            return
-
-
-def _compare(a: Candidate, b: Candidate, minimize: bool) -> dict[str, Any]:
-    """Improvement of a over b, with the noise band and a significance verdict."""
-    if not a.values or not b.values or not b.median:
-        return {"pct": None, "band_pct": None, "significant": False}
-    sign = -1.0 if minimize else 1.0
-    pct = sign * (a.median - b.median) / abs(b.median) * 100
-    band = 2 * MAD_SCALE * math.hypot(a.mad, b.mad) / abs(b.median) * 100
-    return {"pct": pct, "band_pct": band, "significant": pct > band}
-
-
-def choose_winner(
-    cands: list[Candidate], point: OperatingPoint, settings: SearchSettings
-) -> tuple[Candidate, list[str]]:
-    notes: list[str] = []
-    for c in cands:
-        _judge(c, point, settings)
-    ok = [c for c in cands if not c.rejected]
-    off = next(c for c in cands if c.label == "off")
-    if not ok:
-        notes.append("every finalist was rejected; the winner is off")
-        return off, notes
-    best_score = max(c.score(settings.minimize) for c in ok)
-    tol = settings.tie_tolerance * abs(best_score)
-    tied = [c for c in ok if c.score(settings.minimize) >= best_score - tol]
-    winner = min(tied, key=lambda c: (c.total_bytes, -c.score(settings.minimize)))
-    if winner is off:  # off scored best, or within the tie tolerance of the best
-        notes.append(
-            f"nothing beat off by more than the {settings.tie_tolerance:.0%} tie tolerance; "
-            "the winner is off"
-        )
-    elif not off.rejected:
-        cmp = _compare(winner, off, settings.minimize)
-        if not cmp["significant"]:
-            notes.append("nothing beat off beyond the noise; the winner is off")
-            winner = off
-    else:
-        notes.append(
-            f"off itself was rejected ({off.rejected}), so the gain over off is unknown; "
-            "re-run when the measurements are stable before relying on this winner"
-        )
-    return winner, notes
 
 
 # ---------------------------------------------------------------- one operating point
@@ -732,7 +348,7 @@ def search_point(
         sim_best = _stored_winner(sim_path) if sim_path.exists() else None
         if sim_best is not None:
             seeds.append(("simulated best", sim_best))
-    if _spent(study) < settings.trials:  # a finished study re-run gets no new (WAITING) seeds
+    if spent(study) < settings.trials:  # a finished study re-run gets no new (WAITING) seeds
         enqueue_seeds(study, space, seeds)
     label = f"max-num-seqs {point.max_num_seqs}"
     run_trials(study, space, backend, settings, progress, label, stop)
@@ -819,8 +435,8 @@ def build_result(
         "winner": _summary(winner, space) | {"is_off": winner.key == "off"},
         "baselines": {"off": _summary(off, space), "default": _summary(default, space)},
         "improvement": {
-            "vs_off": _compare(winner, off, settings.minimize),
-            "vs_default": _compare(winner, default, settings.minimize),
+            "vs_off": compare(winner, off, settings.minimize),
+            "vs_default": compare(winner, default, settings.minimize),
         },
         "finalists": [_summary(c, space) for c in cands],
         "additional_config": emission.flag,

@@ -22,6 +22,7 @@ from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
 from prefetch_tune.cli.sweep import sweep
 from prefetch_tune.errors import BackendError
 from prefetch_tune.models import Layout, load_model
+from prefetch_tune.settings import SearchSettings
 from prefetch_tune.sweep import (
     SweepOptions,
     SweepReport,
@@ -31,7 +32,7 @@ from prefetch_tune.sweep import (
     markdown,
     run_sweep,
 )
-from prefetch_tune.tuner import SearchSettings, search_point
+from prefetch_tune.tuner import search_point
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "sweeps" / "example.toml"

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from prefetch_tune.cli.common import err_console, fail_on_errors
+from prefetch_tune.settings import Progress
 from prefetch_tune.sweep import (
     SweepOptions,
     SweepReport,
@@ -19,7 +20,6 @@ from prefetch_tune.sweep import (
     run_sweep,
     write_outputs,
 )
-from prefetch_tune.tuner import Progress
 
 
 class _Messages(Progress):

@@ -1,0 +1,171 @@
+"""Optuna study plumbing: names, storage (a journal file or an RDB URL), samplers, and the
+bookkeeping a journal needs because it has no heartbeat (orphaned trials, stale locks)."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from prefetch_tune.backends.base import OperatingPoint
+from prefetch_tune.errors import ConfigError
+from prefetch_tune.results import point_slug
+from prefetch_tune.settings import SearchSettings
+from prefetch_tune.space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+GRID_LEVELS = 6
+HAS_SET_CONSTRAINT = hasattr(optuna.trial.Trial, "set_constraint")
+
+
+def study_name(point: OperatingPoint, backend: str) -> str:
+    return f"{point_slug(point, backend)}-mns{point.max_num_seqs}"
+
+
+def storage_for(settings: SearchSettings, name: str) -> tuple[optuna.storages.BaseStorage, str]:
+    """The study's storage: the given URL, or a journal file under the results directory."""
+    if settings.storage:
+        url = settings.storage
+        try:
+            return optuna.storages.get_storage(url), url
+        except Exception as exc:
+            raise ConfigError(
+                f"--storage {url}: cannot open ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from None
+    path = settings.results_dir / "studies" / f"{name}.journal"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.storages.JournalStorage(JournalFileBackend(str(path))), str(path)
+
+
+def make_sampler(settings: SearchSettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    constraints = None if HAS_SET_CONSTRAINT or not settings.slos else _constraints_from_attrs
+    if settings.sampler == "tpe":
+        # Pinned so results do not change with Optuna's defaults (4.x vs 5.x).
+        kwargs: dict[str, Any] = {
+            "seed": settings.seed,
+            "multivariate": True,
+            "constant_liar": True,
+            "n_startup_trials": 5,
+        }
+        if constraints:
+            kwargs["constraints_func"] = constraints
+        return optuna.samplers.TPESampler(**kwargs)
+    if settings.sampler == "gp":
+        if not all(importlib.util.find_spec(m) for m in ("scipy", "torch")):
+            raise ConfigError(
+                "--sampler gp needs torch and scipy (pip install "
+                "'prefetch-tune[gp]' or torch==2.13.0 scipy)"
+            ) from None
+        gkw: dict[str, Any] = {"seed": settings.seed, "deterministic_objective": False}
+        if constraints:
+            gkw["constraints_func"] = constraints
+        return optuna.samplers.GPSampler(**gkw)
+    if settings.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=settings.seed)
+    grid = {
+        k: [space.bound(k) * i / (GRID_LEVELS - 1) for i in range(GRID_LEVELS)] for k in space.knobs
+    }
+    return optuna.samplers.GridSampler(grid, seed=settings.seed)
+
+
+def _constraints_from_attrs(trial: optuna.trial.FrozenTrial) -> list[float]:
+    return list(trial.user_attrs.get("constraints", []))
+
+
+def owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Every search on a journal holds a shared flock on `<journal>.users` while it runs (the kernel
+# drops it when the process dies, even by SIGKILL). A search that gets it exclusively is the only
+# live one on this host: every RUNNING trial there is an orphan, including one killed between its
+# creation and its owner tag, and a journal lock file left by a killed writer is stale (Optuna's
+# file locks would otherwise stall the next run for their 30 s grace period).
+_JOURNAL_USERS: dict[str, int] = {}
+
+
+def claim_journal(path: str) -> bool:
+    """Join the searches using a journal file; True when no other live process on this host is."""
+    import fcntl
+
+    old = _JOURNAL_USERS.pop(path, None)
+    if old is not None:
+        os.close(old)
+    fd = os.open(f"{path}.users", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    if alone:
+        Path(f"{path}.lock").unlink(missing_ok=True)  # JournalFileSymlinkLock of a killed run
+        _drop_torn_tail(Path(path))
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    _JOURNAL_USERS[path] = fd
+    return alone
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a half-written last record (a writer killed mid-append); Optuna would refuse to read
+    the journal once another record follows it."""
+    data = path.read_bytes() if path.exists() else b""
+    if data and not data.endswith(b"\n"):
+        with path.open("rb+") as fh:
+            fh.truncate(data.rfind(b"\n") + 1)
+        log.warning("%s: dropped a half-written last record of a killed run", path)
+
+
+def release_journal(path: str) -> None:
+    fd = _JOURNAL_USERS.pop(path, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def fail_orphans(study: optuna.Study, alone: bool = False) -> int:
+    """Journal storage has no heartbeat: fail RUNNING trials whose owner on this host is gone.
+
+    `alone`: no other search on this host uses the study (see `claim_journal`), so a RUNNING
+    trial of this host, or one without an owner tag yet, is an orphan whatever its pid.
+    """
+    host = socket.gethostname()
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = str(trial.user_attrs.get("owner", ""))
+        owner_host, _, pid = owner.rpartition(":")
+        mine = owner_host == host and pid.isdigit()
+        if (alone and (mine or not owner)) or (mine and not _pid_alive(int(pid))):
+            study._storage.set_trial_user_attr(trial._trial_id, "orphaned", True)
+            study._storage.set_trial_user_attr(trial._trial_id, "failure_class", "interrupted")
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            failed += 1
+    return failed
+
+
+def spent(study: optuna.Study) -> int:
+    """Trials that count against the budget: all but orphans and queued seeds."""
+    n = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == TrialState.WAITING or t.user_attrs.get("orphaned"):
+            continue
+        n += 1
+    return n
