@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import shlex
+from functools import partial
 from typing import Any
 
 import pytest
+from helpers import assert_bad_input as _assert_bad_input
 from typer.testing import CliRunner
 
 from prefetch_tune.cli import app
+
+# The CLI commands tested here print nothing on stdout when the input is bad.
+assert_bad_input = partial(_assert_bad_input, empty_stdout=True)
 
 MIB = 1048576
 
@@ -20,20 +25,6 @@ def run(*args: str) -> Any:
 
 def ops_by_site(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
     return {(o["knob"], o["weight"]): o for o in doc["ops"]}
-
-
-def assert_bad_input(result: Any, *needles: str) -> str:
-    """Exit 2, exactly one line on stderr naming the problem, nothing on stdout, no traceback."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr
-    assert "Traceback" not in result.stdout
-    assert result.stdout == ""
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
 
 
 # ---- plan -------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import assert_bad_input
 from typer.testing import CliRunner
 
 from prefetch_tune.cli import app
@@ -58,18 +59,6 @@ def write_profile(tmp_path: Path, doc: dict[str, Any], name: str = "mine.toml") 
 
 def run(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
-
-
-def assert_bad_input(result: Any, *needles: str) -> str:
-    """Exit 2, one line on stderr naming the problem, no traceback."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines: list[str] = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr + result.stdout
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------- the built-in profiles

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import assert_bad_input
 from typer.testing import CliRunner
 
 import prefetch_tune.profile as prof
@@ -75,17 +76,6 @@ HAND_TOL_FRAC = 1e-3
 
 def run(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
-
-
-def assert_bad_input(result: Any, *needles: str) -> str:
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr + result.stdout
-    for needle in needles:
-        assert needle in lines[0]
-    return lines[0]
 
 
 # ---- simulated traces --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import typer
+from helpers import assert_bad_input
 from typer.testing import CliRunner
 
 from prefetch_tune.cli.runtime_check import runtime_check
@@ -180,14 +181,6 @@ def invoke(*args: str) -> Any:
     app = typer.Typer()
     app.command()(runtime_check)
     return CliRunner().invoke(app, list(args))
-
-
-def assert_bad_input(result: Any, needle: str) -> None:
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert needle in lines[0]
-    assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_cli_bad_python_is_exit_2(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import optuna
 import pytest
+from helpers import assert_bad_input
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
@@ -50,18 +51,6 @@ def run(*args: str | Path) -> Any:
 
 def assert_ok(result: Any) -> None:
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-
-
-def assert_bad_input(result: Any, *needles: str) -> str:
-    """Exit 2, exactly one line on stderr naming the problem, no traceback."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr + result.stdout
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def point(n: int, **kw: Any) -> OperatingPoint:

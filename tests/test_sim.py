@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import assert_bad_input
 from typer.testing import CliRunner
 
 from prefetch_tune.backends.base import Metrics, OperatingPoint, Workload
@@ -661,17 +662,6 @@ def test_noise_scale_matches_the_percentage(pct: float) -> None:
 
 def run(*args: str) -> Any:
     return CliRunner().invoke(app, list(args))
-
-
-def assert_bad_input(result: Any, *needles: str) -> str:
-    """Exit 2, one line on stderr naming the problem, no traceback."""
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines: list[str] = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr + result.stdout
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("case", CASES)

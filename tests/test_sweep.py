@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import typer
+from helpers import assert_bad_input
 from typer.testing import CliRunner
 
 from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
@@ -56,17 +57,6 @@ APP = _app()
 
 def run(*args: str) -> Any:
     return CliRunner().invoke(APP, ["sweep", *args])
-
-
-def assert_bad_input(result: Any, *needles: str) -> str:
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    lines: list[str] = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stderr + result.stdout
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
