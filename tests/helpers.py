@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 
@@ -17,3 +18,18 @@ def assert_bad_input(result: Any, *needles: str, empty_stdout: bool = False) -> 
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def live_group(pgid: int) -> list[int]:
+    """Non-zombie members of a process group, read from /proc independently of the code under
+    test."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            members.append(int(stat.parent.name))
+    return members

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import live_group
 
 from prefetch_tune.backends.bench import (
     BenchSettings,
@@ -94,20 +95,6 @@ SERVE_FLAGS = [
 ]  # fmt: skip
 
 MakeServer = Callable[..., ServerProcess]
-
-
-def live_group(pgid: int) -> list[int]:
-    """Non-zombie members of a process group, read from /proc."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(stat.parent.name))
-    return members
 
 
 def processes_mentioning(marker: str) -> list[int]:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import live_group
 
 from prefetch_tune.backends.server import (
     FailureClass,
@@ -34,20 +35,6 @@ FAKE_DIR = REPO / "tests" / "fake_vllm"
 MODEL = "vllm-ascend/Qwen3-32B-W8A8"
 
 MakeServer = Callable[..., ServerProcess]
-
-
-def live_group(pgid: int) -> list[int]:
-    """Non-zombie members of a process group, read independently of the code under test."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        fields = text[text.rfind(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            members.append(int(stat.parent.name))
-    return members
 
 
 def assert_group_gone(pgid: int | None) -> None:
