@@ -24,6 +24,10 @@ KEY_GRANULARITY = 256 * 1024
 # property 3), so optima often have some knobs exactly off (Qwen3-32B TP4 at max-num-seqs 8:
 # mlp.gate_up alone). A continuous [0, bound] range almost never samples an exact 0.
 OFF_ZONE = 0.75
+# ... and ends at (1 + FLAT_ZONE) x its bound; anything above the bound is the bound (the cap, or
+# the whole weight), where optima often sit too (mlp.gate_up at its 18 MiB cap), and which a
+# continuous range would almost never hit either. Both zones only reshape the sampling density.
+FLAT_ZONE = 0.25
 
 
 @dataclass(frozen=True)
@@ -41,9 +45,17 @@ class SearchSpace:
         """Lower end of a knob's sampling range; the part below 0 is the knob's off zone."""
         return -OFF_ZONE * self.bound(knob)
 
+    def high(self, knob: str) -> float:
+        """Upper end of a knob's sampling range; the part above the bound is its flat zone."""
+        return (1.0 + FLAT_ZONE) * self.bound(knob)
+
+    def ratio(self, knob: str, param: float) -> float:
+        """A sampled param as a ratio: the off zone is 0, the flat zone is the bound."""
+        return min(max(0.0, float(param)), self.bound(knob))
+
     def config(self, params: Mapping[str, float]) -> PrefetchConfig:
         """The config a trial's params describe; dead knobs off; all knobs off means off."""
-        ratios = {k: max(0.0, float(params.get(k, 0.0))) if k in self.knobs else 0.0 for k in KNOBS}
+        ratios = {k: self.ratio(k, params.get(k, 0.0)) if k in self.knobs else 0.0 for k in KNOBS}
         if not any(ratios.values()):
             return PrefetchConfig.off()
         return PrefetchConfig(enabled=True, ratios=tuple((k, ratios[k]) for k in KNOBS))
@@ -85,4 +97,11 @@ def build_space(point: OperatingPoint) -> SearchSpace:
     return SearchSpace(point=point, knobs=knobs, upper=upper)
 
 
-__all__ = ["DEFAULT_RATIOS", "KEY_GRANULARITY", "OFF_ZONE", "SearchSpace", "build_space"]
+__all__ = [
+    "DEFAULT_RATIOS",
+    "FLAT_ZONE",
+    "KEY_GRANULARITY",
+    "OFF_ZONE",
+    "SearchSpace",
+    "build_space",
+]

@@ -28,6 +28,7 @@ from prefetch_tune.errors import BackendError, ConfigError
 from prefetch_tune.models import MiB
 from prefetch_tune.prefetch import PrefetchConfig, emit, parse_weight_prefetch_config
 from prefetch_tune.results import (
+    atomic_write,
     iter_results,
     load_result,
     point_slug,
@@ -184,7 +185,7 @@ def run_trials(
 ) -> None:
     """Ask-and-tell until the budget is spent, the timeout passes or a stop is requested."""
     dists: dict[str, BaseDistribution] = {
-        k: FloatDistribution(space.low(k), space.bound(k)) for k in space.knobs
+        k: FloatDistribution(space.low(k), space.high(k)) for k in space.knobs
     }
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     progress.start(label, settings.trials, min(spent(study), settings.trials))
@@ -365,7 +366,7 @@ def search_point(
     doc = build_result(point, backend, settings, space, study, storage_label, cands, winner, notes)
     outcome.moved_damaged = write_result(path, doc)
     csv = trials_path(settings.results_dir, point, backend.name)
-    write_trials_csv(study, csv)
+    write_trials_csv(study, space, csv)
     outcome.result, outcome.path, outcome.trials_csv, outcome.notes = doc, path, csv, notes
     release_journal(storage_label)
     return outcome
@@ -462,7 +463,8 @@ def build_result(
     }
 
 
-def write_trials_csv(study: optuna.Study, path: Path) -> None:
+def write_trials_csv(study: optuna.Study, space: SearchSpace, path: Path) -> None:
+    """One row per trial: the ratios in effect (not the raw sampled params), MiB, metrics."""
     import pandas as pd
 
     rows = []
@@ -478,11 +480,8 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
             "failure_class": t.user_attrs.get("failure_class"),
             "failure": t.user_attrs.get("failure"),
         }
-        row.update({f"ratio.{k}": v for k, v in t.params.items()})
+        row.update({f"ratio.{k}": space.ratio(k, v) for k, v in t.params.items()})
         row.update({f"mib.{k}": v for k, v in t.user_attrs.get("effective_mib", {}).items()})
         row.update({k: v for k, v in metrics.items() if not k.startswith("sim_")})
         rows.append(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from prefetch_tune.results import atomic_write
-
     atomic_write(path, pd.DataFrame(rows).to_csv(index=False))
