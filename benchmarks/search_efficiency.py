@@ -3,15 +3,17 @@
 Sim backend with 1% seeded measurement noise, Qwen3-32B W8A8 TP4 at max-num-seqs 72 on
 atlas-a2, 20 seeds per method:
 
-  tpe     our `search_point` with the TPE sampler (seeded with off and default), 60 trials
-  random  the same with the random sampler, 60 trials
+  tpe     our `search_point` with the TPE sampler (seeded with off and default), 400 trials
+          (duplicate effective configs are free, so it pays fewer)
+  random  the same with the random sampler, 400 trials
   grid    the same with the grid sampler (6 levels per live knob), the full grid
 
 Per run: the number of paid evaluations (backend runs; duplicates of a measured key are free)
 until a trial whose *noiseless* value is within 1% of the true optimum, and the regret of the
 selected winner (its noiseless value vs the true optimum, after the finalists' re-measurement).
 The true optimum is the best noiseless value on a 9-level grid (and the 6-level one, the grid
-baseline). Goal: TPE under a third of the grid's evaluations at equal or better regret.
+baseline). Goal: TPE under a third of the grid's evaluations at equal or better regret; the
+verdict is printed for the whole search and per closeness threshold.
 
     python benchmarks/search_efficiency.py [--seeds 20] [--jobs 2]
 """
@@ -154,7 +156,9 @@ def one_run(method: str, seed: int, budget: int, true_opt: float, off_zone: floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
-    parser.add_argument("--trials", type=int, default=60, help="budget of tpe and random")
+    parser.add_argument(
+        "--trials", type=int, default=400, help="budget of tpe and random (< a third of the grid)"
+    )
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument(
         "--off-zone",
@@ -219,7 +223,11 @@ def main() -> int:
         regrets = [r.regret_pct for r in rs]
         med_to = {p: statistics.median(r.to_within[p] for r in rs) for p in WITHIN_PCT}
         never = {p: sum(math.isinf(r.to_within[p]) for r in rs) for p in WITHIN_PCT}
-        summary[method] = {"to": med_to, "regret": statistics.median(regrets)}
+        summary[method] = {
+            "to": med_to,
+            "regret": statistics.median(regrets),
+            "paid": statistics.median(r.paid + r.remeasured for r in rs),
+        }
         row = f"{method:<7} {budget:>6} {statistics.median(r.paid for r in rs):>5.0f} "
         row += " ".join(
             f"{format(med_to[p], '.1f') + ' [' + str(never[p]) + ']':>13}" for p in WITHIN_PCT
@@ -232,6 +240,17 @@ def main() -> int:
         print(row)
     tpe, grid = summary["tpe"], summary["grid"]
     print()
+    # The goal as a whole search: all the evaluations TPE pays (trials + re-measurements) against
+    # the grid's, at a winner regret no worse than the grid's.
+    ratio = tpe["paid"] / grid["paid"]
+    goal = ratio < 1 / 3 and tpe["regret"] <= grid["regret"]
+    print(
+        f"whole search: TPE pays {tpe['paid']:.0f} evaluations, {ratio:.2f}x the grid's "
+        f"{grid['paid']:.0f} (goal < 0.33), median regret {tpe['regret']:.3f}% vs the grid's "
+        f"{grid['regret']:.3f}%: goal {'met' if goal else 'NOT met'}"
+    )
+    # The same per closeness threshold (the default seed is within 1% here, so 'to 1%' is 2
+    # for every method and says nothing).
     for p in WITHIN_PCT:
         ratio = tpe["to"][p] / grid["to"][p]
         goal = ratio < 1 / 3 and tpe["regret"] <= grid["regret"]
