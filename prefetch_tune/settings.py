@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from prefetch_tune.backends.base import LOWER_IS_BETTER, Metrics
+from prefetch_tune.backends.base import COUNT_METRICS, LOWER_IS_BETTER, Metrics
 from prefetch_tune.errors import ConfigError
 
 SAMPLERS = ("tpe", "gp", "random", "grid")
@@ -19,12 +19,6 @@ BENCH_METRICS = (
     frozenset(
         {
             "duration",
-            "completed",
-            "failed",
-            "num_prompts",
-            "max_concurrency",
-            "total_input_tokens",
-            "total_output_tokens",
             "request_throughput",
             "request_goodput",
             "output_throughput",
@@ -34,6 +28,7 @@ BENCH_METRICS = (
             "rtfx",
         }
     )
+    | COUNT_METRICS
     | LOWER_IS_BETTER
 )
 _LATENCY = re.compile(r"(mean|median|std|p\d+(\.\d+)?)_(ttft|tpot|itl|e2el)_ms")

@@ -16,7 +16,7 @@ from typing import Any
 import pandas as pd
 import pytest
 import typer
-from helpers import assert_bad_input
+from helpers import assert_bad_input, processes_with_env
 from typer.testing import CliRunner
 
 from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
@@ -377,19 +377,7 @@ stop_grace = 5
 
 
 def _survivors(token: str) -> list[int]:
-    needle = f"{TOKEN_VAR}={token}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2 :].split()[0] not in ("Z", "X") and needle in env.split(b"\0"):
-            found.append(int(entry.name))
-    return found
+    return processes_with_env(TOKEN_VAR, token)
 
 
 @pytest.mark.slow

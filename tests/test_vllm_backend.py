@@ -20,6 +20,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
+from helpers import processes_with_env
 
 from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.backends.server import FailureClass
@@ -72,22 +73,7 @@ def token() -> str:
 
 
 def survivors(token: str) -> list[int]:
-    """Live (non-zombie) processes whose environment carries the test's token."""
-    needle = f"{TOKEN_VAR}={token}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            env = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if stat[stat.rfind(")") + 2 :].split()[0] in ("Z", "X"):
-            continue
-        if needle in env.split(b"\0"):
-            found.append(int(entry.name))
-    return found
+    return processes_with_env(TOKEN_VAR, token)
 
 
 def assert_nothing_left(token: str) -> None:

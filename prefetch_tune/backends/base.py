@@ -19,6 +19,18 @@ from prefetch_tune.runtime.plan import PlanOptions
 
 Metrics = dict[str, float]
 
+# Facts about the run rather than its performance (noise never moves them).
+COUNT_METRICS = frozenset(
+    {
+        "completed",
+        "failed",
+        "num_prompts",
+        "max_concurrency",
+        "total_input_tokens",
+        "total_output_tokens",
+    }
+)
+
 # Metrics where smaller is better; every other objective is maximised.
 LOWER_IS_BETTER = frozenset(
     f"{stat}_{m}_ms"

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from prefetch_tune.backends.server import FailureClass, base_url, read_log_tail
+from prefetch_tune.backends.server import (
+    FailureClass,
+    base_url,
+    read_log_tail,
+    spawn_in_own_group,
+)
 from prefetch_tune.errors import BenchmarkError, ConfigError
 
 if TYPE_CHECKING:
@@ -245,22 +250,12 @@ def _run_logged(
     cmd: list[str], env: dict[str, str] | None, log_path: Path, timeout: float
 ) -> int | None:
     """Exit code of cmd run with output to log_path, or None on timeout (group killed)."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    full_env = None if env is None else {**os.environ, **env}
-    with open(log_path, "wb") as log:
-        try:
-            proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=full_env,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise BenchmarkError(
-                f"cannot run {cmd[0]!r}: {exc}", failure_class=FailureClass.BENCHMARK_FAILURE
-            ) from exc
+    try:
+        proc = spawn_in_own_group(cmd, env, log_path)
+    except OSError as exc:
+        raise BenchmarkError(
+            f"cannot run {cmd[0]!r}: {exc}", failure_class=FailureClass.BENCHMARK_FAILURE
+        ) from exc
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -185,6 +185,24 @@ def _get(url: str, timeout: float) -> tuple[int, bytes]:
         return 0, b""
 
 
+def spawn_in_own_group(
+    cmd: list[str], env: dict[str, str] | None, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start cmd in a new session (so its whole process group can be signalled), stdin closed,
+    stdout and stderr to log_path; env is added on top of the current environment."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    full_env = None if env is None else {**os.environ, **env}
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            start_new_session=True,
+        )
+
+
 class ServerProcess:
     """One `vllm serve` process group: start, wait until ready, stop (also on errors and exit).
 
@@ -248,23 +266,13 @@ class ServerProcess:
                     "stop whatever listens there or pick another port",
                     failure_class=FailureClass.SERVER_CRASH,
                 )
-            self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            env = None if self.env is None else {**os.environ, **self.env}
-            with open(self.log_path, "wb") as log:
-                try:
-                    self._proc = subprocess.Popen(
-                        self.cmd,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=env,
-                        start_new_session=True,
-                    )
-                except OSError as exc:
-                    raise ServerStartupError(
-                        f"cannot run {self.cmd[0]!r}: {exc}",
-                        failure_class=FailureClass.SERVER_CRASH,
-                    ) from exc
+            try:
+                self._proc = spawn_in_own_group(self.cmd, self.env, self.log_path)
+            except OSError as exc:
+                raise ServerStartupError(
+                    f"cannot run {self.cmd[0]!r}: {exc}",
+                    failure_class=FailureClass.SERVER_CRASH,
+                ) from exc
             self.started_at = time.monotonic()
             with _LIVE_LOCK:
                 _LIVE.add(self)

@@ -36,6 +36,7 @@ from functools import lru_cache
 from typing import Any
 
 from prefetch_tune.backends.base import (
+    COUNT_METRICS,
     LOWER_IS_BETTER,
     Metrics,
     OperatingPoint,
@@ -503,14 +504,7 @@ def apply_noise(metrics: Metrics, pct: float, key: str) -> Metrics:
     factor = max(0.5, 1.0 + rng.gauss(0.0, pct / 100.0))
     noisy = dict(metrics)
     for name, value in metrics.items():
-        if name.startswith("sim_") or name in (
-            "completed",
-            "failed",
-            "num_prompts",
-            "max_concurrency",
-            "total_input_tokens",
-            "total_output_tokens",
-        ):
+        if name.startswith("sim_") or name in COUNT_METRICS:
             continue
         noisy[name] = value / factor if name in LOWER_IS_BETTER else value * factor
     return noisy
