@@ -27,7 +27,7 @@ from prefetch_tune.backends.sim import evaluate_point
 from prefetch_tune.hardware import HardwareProfile, load_hardware
 from prefetch_tune.models import Layout, load_model
 from prefetch_tune.prefetch import PrefetchConfig
-from prefetch_tune.space import build_space
+from prefetch_tune.search.space import build_space
 
 RANGES = {
     "prefetch_bw": (0.3e12, 0.6e12, 1.0e12),

@@ -26,18 +26,18 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from prefetch_tune.analysis.trace import step_trace  # noqa: E402
 from prefetch_tune.backends.base import OperatingPoint, Workload  # noqa: E402
 from prefetch_tune.backends.sim import simulate_step, step_mix  # noqa: E402
 from prefetch_tune.hardware import load_hardware  # noqa: E402
 from prefetch_tune.models import Layout, load_model  # noqa: E402
 from prefetch_tune.prefetch import PrefetchConfig  # noqa: E402
-from prefetch_tune.trace import step_trace  # noqa: E402
 
 CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from prefetch_tune.profile import analyse, choose_plan, load_profile
+from prefetch_tune.analysis.profile import analyse, choose_plan, load_profile
 if {tracemalloc}:
     import tracemalloc
     tracemalloc.start()

@@ -34,16 +34,16 @@ from typing import Any
 
 import optuna
 
-from prefetch_tune import space as space_module
-from prefetch_tune import tuner
 from prefetch_tune.backends.base import OperatingPoint
 from prefetch_tune.backends.sim import SimBackend, evaluate_point
 from prefetch_tune.models import Layout, load_model
 from prefetch_tune.prefetch import PrefetchConfig, parse_weight_prefetch_config
-from prefetch_tune.settings import SearchSettings
-from prefetch_tune.space import SearchSpace, build_space
-from prefetch_tune.studies import GRID_LEVELS
-from prefetch_tune.tuner import search_point
+from prefetch_tune.search import space as space_module
+from prefetch_tune.search import tuner
+from prefetch_tune.search.settings import SearchSettings
+from prefetch_tune.search.space import SearchSpace, build_space
+from prefetch_tune.search.studies import GRID_LEVELS
+from prefetch_tune.search.tuner import search_point
 
 OBJECTIVE = "output_throughput"
 NOISE_PCT = 1.0
@@ -164,7 +164,7 @@ def main() -> int:
         "--off-zone",
         type=float,
         default=space_module.OFF_ZONE,
-        help="share of each knob's range below 0 that means off (prefetch_tune.space.OFF_ZONE)",
+        help="share of each knob's range below 0 that means off (prefetch_tune.search.space.OFF_ZONE)",
     )
     args = parser.parse_args()
 

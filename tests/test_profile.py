@@ -34,15 +34,8 @@ import pytest
 from helpers import assert_bad_input
 from typer.testing import CliRunner
 
-import prefetch_tune.profile as prof
-from prefetch_tune.backends.base import OperatingPoint, Workload
-from prefetch_tune.backends.sim import StepResult, simulate_step
-from prefetch_tune.cli import app
-from prefetch_tune.cli.profile_cmd import profile as profile_command
-from prefetch_tune.hardware import HardwareProfile, load_hardware, parse_profile
-from prefetch_tune.models import Layout, load_model
-from prefetch_tune.prefetch import PrefetchConfig, Semantics
-from prefetch_tune.profile import (
+import prefetch_tune.analysis.profile as prof
+from prefetch_tune.analysis.profile import (
     ATTN,
     COMM,
     MATMUL,
@@ -62,8 +55,15 @@ from prefetch_tune.profile import (
     load_profile,
     write_profile,
 )
+from prefetch_tune.analysis.trace import OP_TYPES, step_trace
+from prefetch_tune.backends.base import OperatingPoint, Workload
+from prefetch_tune.backends.sim import StepResult, simulate_step
+from prefetch_tune.cli import app
+from prefetch_tune.cli.profile_cmd import profile as profile_command
+from prefetch_tune.hardware import HardwareProfile, load_hardware, parse_profile
+from prefetch_tune.models import Layout, load_model
+from prefetch_tune.prefetch import PrefetchConfig, Semantics
 from prefetch_tune.runtime import plan as P
-from prefetch_tune.trace import OP_TYPES, step_trace
 
 if not any(c.name == "profile" for c in app.registered_commands):  # until cli/__init__ has it
     app.command("profile")(profile_command)

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from prefetch_tune.backends.base import OperatingPoint, get_backend
 from prefetch_tune.cli.report import report
 from prefetch_tune.models import Layout, load_model
-from prefetch_tune.report import StudyEntry, load_entries, study_figures
-from prefetch_tune.settings import SearchSettings
-from prefetch_tune.tuner import search_point
+from prefetch_tune.regress.report import StudyEntry, load_entries, study_figures
+from prefetch_tune.search.settings import SearchSettings
+from prefetch_tune.search.tuner import search_point
 
 pytest.importorskip("plotly")
 pytest.importorskip("matplotlib")

@@ -36,8 +36,8 @@ from prefetch_tune.cli.common import resolve_model, resolve_options
 from prefetch_tune.errors import BackendError
 from prefetch_tune.prefetch import PrefetchConfig, parse_weight_prefetch_config
 from prefetch_tune.results import result_path
-from prefetch_tune.space import build_space
-from prefetch_tune.studies import study_name
+from prefetch_tune.search.space import build_space
+from prefetch_tune.search.studies import study_name
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -11,7 +11,7 @@ import pytest
 from prefetch_tune.backends.base import OperatingPoint
 from prefetch_tune.models import Layout, load_model
 from prefetch_tune.prefetch import PrefetchConfig
-from prefetch_tune.space import SearchSpace, build_space
+from prefetch_tune.search.space import SearchSpace, build_space
 
 
 @pytest.fixture

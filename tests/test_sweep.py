@@ -23,8 +23,7 @@ from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
 from prefetch_tune.cli.sweep import sweep
 from prefetch_tune.errors import BackendError
 from prefetch_tune.models import Layout, load_model
-from prefetch_tune.settings import SearchSettings
-from prefetch_tune.sweep import (
+from prefetch_tune.regress.sweep import (
     SweepOptions,
     SweepReport,
     csv_text,
@@ -33,7 +32,8 @@ from prefetch_tune.sweep import (
     markdown,
     run_sweep,
 )
-from prefetch_tune.tuner import search_point
+from prefetch_tune.search.settings import SearchSettings
+from prefetch_tune.search.tuner import search_point
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "sweeps" / "example.toml"

@@ -34,9 +34,9 @@ from prefetch_tune.errors import BackendError, ConfigError
 from prefetch_tune.models import Layout, load_model
 from prefetch_tune.prefetch import PrefetchConfig, Semantics
 from prefetch_tune.runtime.versions import PROBE_MARK
-from prefetch_tune.settings import SearchSettings
+from prefetch_tune.search.settings import SearchSettings
+from prefetch_tune.search.tuner import search_point
 from prefetch_tune.tuneconfig import load_tune_file
-from prefetch_tune.tuner import search_point
 
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DIR = REPO / "tests" / "fake_vllm"

@@ -10,6 +10,16 @@ from typing import Annotated, cast
 import typer
 from rich.table import Table
 
+from prefetch_tune.analysis.profile import (
+    Calibration,
+    ProfileReport,
+    Rules,
+    analyse,
+    calibrate,
+    choose_plan,
+    load_profile,
+    write_profile,
+)
 from prefetch_tune.cli.common import (
     CapOpt,
     ConfigJsonOpt,
@@ -29,16 +39,6 @@ from prefetch_tune.cli.common import (
 from prefetch_tune.cli.simulate import HardwareOpt
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import QUANTS, MiB, Quant
-from prefetch_tune.profile import (
-    Calibration,
-    ProfileReport,
-    Rules,
-    analyse,
-    calibrate,
-    choose_plan,
-    load_profile,
-    write_profile,
-)
 
 VERDICT_STYLE = {"raise": "green", "keep": "cyan", "lower": "yellow", "off": "red"}
 

@@ -9,7 +9,7 @@ import optuna
 import typer
 
 from prefetch_tune.cli.common import err_console, fail_on_errors
-from prefetch_tune.report import build_report, check_extras
+from prefetch_tune.regress.report import build_report, check_extras
 
 
 @fail_on_errors

@@ -26,11 +26,11 @@ from prefetch_tune.cli.common import (
 )
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.results import check_writable
-from prefetch_tune.settings import SAMPLERS, SearchSettings, Slo
-from prefetch_tune.settings import Progress as SearchProgress
-from prefetch_tune.space import build_space
+from prefetch_tune.search.settings import SAMPLERS, SearchSettings, Slo
+from prefetch_tune.search.settings import Progress as SearchProgress
+from prefetch_tune.search.space import build_space
+from prefetch_tune.search.tuner import SearchOutcome, search_point
 from prefetch_tune.tuneconfig import load_tune_file
-from prefetch_tune.tuner import SearchOutcome, search_point
 
 
 class RichProgress(SearchProgress):

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from prefetch_tune.analysis.trace import write_trace
 from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.backends.sim import SimBackend, simulate_step, step_mix
 from prefetch_tune.cli.common import (
@@ -32,7 +33,6 @@ from prefetch_tune.cli.common import (
 )
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.hardware import load_hardware
-from prefetch_tune.trace import write_trace
 
 HardwareOpt = Annotated[
     str, typer.Option("--hardware", help="Built-in profile (atlas-a2, atlas-a3) or a .toml file.")

@@ -10,8 +10,7 @@ import typer
 from rich.table import Table
 
 from prefetch_tune.cli.common import err_console, fail_on_errors
-from prefetch_tune.settings import Progress
-from prefetch_tune.sweep import (
+from prefetch_tune.regress.sweep import (
     SweepOptions,
     SweepReport,
     check_output_path,
@@ -20,6 +19,7 @@ from prefetch_tune.sweep import (
     run_sweep,
     write_outputs,
 )
+from prefetch_tune.search.settings import Progress
 
 
 class _Messages(Progress):

@@ -16,8 +16,8 @@ from optuna.trial import TrialState
 from prefetch_tune.backends.base import OperatingPoint
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.results import point_slug
-from prefetch_tune.settings import SearchSettings
-from prefetch_tune.space import SearchSpace
+from prefetch_tune.search.settings import SearchSettings
+from prefetch_tune.search.space import SearchSpace
 
 log = logging.getLogger(__name__)
 

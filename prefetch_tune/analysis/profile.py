@@ -1852,7 +1852,7 @@ def render_profile_toml(cal: Calibration, trace: Path, name: str | None = None) 
         "method = "
         + _toml_value(
             "prefetch-tune profile --calibrate: robust per-size / per-op medians, least squares "
-            "through them (see prefetch_tune/profile.py calibrate)"
+            "through them (see prefetch_tune/analysis/profile.py calibrate)"
         ),
         f"created = {_toml_value(time.strftime('%Y-%m-%dT%H:%M:%S%z'))}",
     ]

@@ -14,7 +14,7 @@ from typing import Any
 from prefetch_tune.backends.base import Backend, Metrics, OperatingPoint
 from prefetch_tune.errors import BackendError
 from prefetch_tune.prefetch import PrefetchConfig
-from prefetch_tune.settings import Progress, SearchSettings
+from prefetch_tune.search.settings import Progress, SearchSettings
 
 MAD_SCALE = 1.4826  # MAD -> standard deviation for normal noise
 

@@ -48,9 +48,9 @@ from prefetch_tune.prefetch import (
 )
 from prefetch_tune.results import atomic_write, iter_results, load_result, point_slug, result_path
 from prefetch_tune.runtime.plan import PlanOptions
-from prefetch_tune.selection import Candidate, compare, judge, remeasure
-from prefetch_tune.settings import Progress, SearchSettings, Slo
-from prefetch_tune.space import build_space
+from prefetch_tune.search.selection import Candidate, compare, judge, remeasure
+from prefetch_tune.search.settings import Progress, SearchSettings, Slo
+from prefetch_tune.search.space import build_space
 from prefetch_tune.tuneconfig import check_keys, read_toml
 
 DEFAULT_TOLERANCE_PCT = 2.0

@@ -36,10 +36,10 @@ from prefetch_tune.results import (
     trials_path,
     write_result,
 )
-from prefetch_tune.selection import Candidate, choose_winner, compare, remeasure
-from prefetch_tune.settings import Progress, SearchSettings
-from prefetch_tune.space import SearchSpace, build_space
-from prefetch_tune.studies import (
+from prefetch_tune.search.selection import Candidate, choose_winner, compare, remeasure
+from prefetch_tune.search.settings import Progress, SearchSettings
+from prefetch_tune.search.space import SearchSpace, build_space
+from prefetch_tune.search.studies import (
     GRID_LEVELS,
     HAS_SET_CONSTRAINT,
     claim_journal,

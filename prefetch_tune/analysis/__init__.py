@@ -1,0 +1,1 @@
+"""Reading what ran: Ascend profiler exports, overlap verdicts, calibration, trace export."""

@@ -1,0 +1,1 @@
+"""Checking stored results again: regression sweeps and their reports."""
