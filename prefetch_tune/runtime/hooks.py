@@ -39,6 +39,7 @@ from typing import Any, Protocol
 
 from prefetch_tune.models import Layout, ModelSpec
 from prefetch_tune.prefetch import PrefetchConfig
+from prefetch_tune.runtime.control import ControlChannel
 from prefetch_tune.runtime.plan import (
     DOWN_QUANT,
     GATE_UP_QUANT,
@@ -442,6 +443,9 @@ class Runtime:
         self._steps: dict[int, _Steps] = {}
         self._actions: dict[tuple[int, str, int], tuple[_Action, ...]] = {}
         self._warned: set[str] = set()
+        self.control: ControlChannel | None = None  # set by the plugin under --screen
+        self.vllm_config: Any = None
+        self._last_layer = -1
         any_plan = self.plan_for(1)
         sites = any_plan.ops  # every site appears in ops, firing or not
         self.used_points = frozenset(
@@ -540,8 +544,24 @@ class Runtime:
         actions = self._actions[key] = tuple(resolved)
         return actions
 
+    def reconfigure(self, config: PrefetchConfig) -> None:
+        """Run `config` from the next operation on (the control channel, at a forward boundary)."""
+        self.join_all()
+        self.config = config
+        self._steps.clear()
+        self._actions.clear()
+
+    def _at_layer(self, layer: int) -> None:
+        """A layer index that does not grow means a new forward began: the channel's tick."""
+        if layer <= self._last_layer and self.control is not None:
+            self.join_all()
+            self.control.tick()
+        self._last_layer = layer
+
     def start_at(self, point: str, layer: int, dependency: Any) -> None:
         """Issue the plan's operations that start before compute op `point` of `layer`."""
+        if layer != self._last_layer:
+            self._at_layer(layer)
         tokens = self.tokens_fn() or int(dependency.shape[0])
         for action in self._actions_for(tokens, point, layer):
             if self.pending and any(p.knob == action.knob for p in self.pending):

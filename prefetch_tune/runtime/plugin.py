@@ -42,6 +42,13 @@ from typing import TYPE_CHECKING, Any
 from prefetch_tune import __version__
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.prefetch import PrefetchConfig, parse_additional_config
+from prefetch_tune.runtime.control import (
+    ENV_CONTROL,
+    ControlChannel,
+    ControlState,
+    every_from_env,
+    refusal,
+)
 from prefetch_tune.runtime.versions import (
     DISTS,
     ENTRY_POINT_GROUP,
@@ -306,6 +313,7 @@ def activate(
         report.start_points,
         report.join_points,
     )
+    runtime.vllm_config = vllm_config
     hooks.set_active(runtime)
     _STATE.report = report
     _set_status(
@@ -351,7 +359,40 @@ def announce(runtime: Runtime, model: Any, extra: Mapping[str, Any] | None = Non
     )
     for op, why in runtime.unexecutable.items():
         logger.warning("prefetch-tune runtime: %s is never issued: %s", op, why)
-    write_marker({**described, **dict(extra or {})})
+    facts = {**described, **dict(extra or {})}
+    channel = open_control_channel(runtime, facts)
+    if channel is None:
+        write_marker(facts)
+
+
+def open_control_channel(runtime: Runtime, facts: Mapping[str, Any]) -> ControlChannel | None:
+    """With PREFETCH_TUNE_CONTROL set, let the tuner change `runtime`'s config while serving
+    (eager mode only); every acknowledgement rewrites this worker's marker."""
+    path = os.environ.get(ENV_CONTROL, "").strip()
+    if not path:
+        return None
+    vllm_config = getattr(runtime, "vllm_config", None)
+    eager = getattr(getattr(vllm_config, "model_config", None), "enforce_eager", None)
+    refused = refusal(bool(eager))
+
+    def acknowledge(state: ControlState) -> None:
+        write_marker(
+            {**facts, "config": runtime.config.to_json_obj(), "control": state.to_json_obj()}
+        )
+        if state.state == "applied":
+            logger.info(
+                "prefetch-tune runtime: control: now running %s from forward %s",
+                runtime.config.canonical_json(),
+                state.applied_at_forward,
+            )
+        elif state.reason:
+            logger.warning("prefetch-tune runtime: control: %s", state.reason)
+
+    channel = ControlChannel(
+        path, runtime.config, runtime.reconfigure, acknowledge, every_from_env(), refused
+    )
+    runtime.control = channel if channel.live else None
+    return channel
 
 
 def _worker_model(worker: Any) -> Any | None:
@@ -577,6 +618,7 @@ __all__ = [  # the version rule and the entry point's identity are re-exported f
     "ENTRY_POINT_NAME",
     "ENTRY_POINT_VALUE",
     "ENV_CAP_MIB",
+    "ENV_CONTROL",
     "ENV_MARKER_DIR",
     "ENV_RUNTIME",
     "MODES",
@@ -592,6 +634,7 @@ __all__ = [  # the version rule and the entry point's identity are re-exported f
     "dist_version",
     "installed_report",
     "model_facts",
+    "open_control_channel",
     "parse_version",
     "plan_options",
     "read_prefetch_config",
