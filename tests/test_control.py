@@ -141,6 +141,7 @@ def test_acknowledgements_are_read_from_worker_markers_only(tmp_path: Path) -> N
 from test_plugin import (  # noqa: E402
     DENSE_HF,
     ascend,  # noqa: F401  (fixture)
+    clean_plugin,  # noqa: F401  (autouse fixture: a fresh plugin per test)
     load,
     run,
     torch_mod,  # noqa: F401  (fixture)
