@@ -32,6 +32,7 @@ class HardwareProfile:
     cube_bf16_flops: float  # bf16 cube throughput the matmul kernels achieve
     mte_interference: float  # how much cube load slows the matmul's HBM streaming (MTE2)
     kernel_overhead_us: float  # fixed device time per kernel (graph mode)
+    eager_kernel_overhead_us: float  # the same without a graph (--enforce-eager: host launches)
     prefetch_bw: float  # SDMA CMO fill rate into L2
     cmo_issue_us: float  # side-stream time before the fill starts (CMO SQE issue)
     stream_sync_us: float  # compute-stream cost per prefetch: event record + wait pair

@@ -38,6 +38,8 @@ SEARCH_KEYS: dict[str, tuple[type, ...]] = {
     "input_len": (int,),
     "output_len": (int,),
     "tie_tolerance": (int, float),
+    "screen": (bool,),
+    "screen_every": (int,),
 }
 
 

@@ -116,6 +116,35 @@ class Backend(Protocol):
         ...
 
 
+class Screening(Protocol):
+    """One long-lived eager server (or its model) whose prefetch config changes between runs.
+
+    Measurements from it rank candidates cheaply; they are eager-mode numbers, never the final
+    (graph-mode) ones, and are recorded as screened.
+    """
+
+    name: str
+    measured: bool
+    starts: int  # server starts this screening paid (1 for a real server, 0 for the model)
+
+    def evaluate(self, config: PrefetchConfig, point: OperatingPoint, repeat: int = 0) -> Metrics:
+        """Metrics for one run of `config`, once every worker runs it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def open_screening(backend: Backend, point: OperatingPoint) -> Screening:
+    """The backend's screening session for `point` (ConfigError when it cannot screen)."""
+    opener = getattr(backend, "screening", None)
+    if not callable(opener):
+        raise ConfigError(
+            f"--screen: the {backend.name} backend cannot change configs while serving"
+        )
+    session: Screening = opener(point)
+    return session
+
+
 BackendFactory = Callable[..., Backend]
 _REGISTRY: dict[str, BackendFactory] = {}
 

@@ -28,6 +28,7 @@ Every number this backend reports is simulated and labelled so.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import random
@@ -440,11 +441,23 @@ def simulate_step(
     return StepResult(layer.time_s * m.layers + tail, layer, layer_plan, tokens)
 
 
+def eager_profile(hw: HardwareProfile) -> HardwareProfile:
+    """The profile as an eager server (`--enforce-eager`) sees it: no graph, so every kernel pays
+    the host launch time. Longer kernels also stretch the windows a prefetch hides behind, which
+    is why eager screening can rank candidates differently from graph mode."""
+    return dataclasses.replace(hw, kernel_overhead_us=hw.eager_kernel_overhead_us)
+
+
 def evaluate_point(
-    config: PrefetchConfig, point: OperatingPoint, hw: HardwareProfile | None = None
+    config: PrefetchConfig,
+    point: OperatingPoint,
+    hw: HardwareProfile | None = None,
+    eager: bool = False,
 ) -> tuple[Metrics, StepResult]:
     """Noise-free metrics (vLLM bench key names) for a config at an operating point."""
     hw = hw or load_hardware(point.hardware)
+    if eager:
+        hw = eager_profile(hw)
     mix = step_mix(point)
     dec = simulate_step(config, point, hw, mix.batch, mix.context, 0)
     mixed = simulate_step(config, point, hw, mix.batch, mix.context, mix.chunk)
@@ -523,11 +536,40 @@ class SimBackend:
         self.seed = seed
 
     def evaluate(self, config: PrefetchConfig, point: OperatingPoint, repeat: int = 0) -> Metrics:
-        metrics, _ = evaluate_point(config, point)
+        return self._run(config, point, repeat, eager=False)
+
+    def _run(
+        self, config: PrefetchConfig, point: OperatingPoint, repeat: int, eager: bool
+    ) -> Metrics:
+        metrics, _ = evaluate_point(config, point, eager=eager)
         if self.noise_pct <= 0:
             return metrics  # noise-free: skip building the noise key
-        key = f"{self.seed}|{config.canonical_json()}|{point.describe()}|{repeat}"
+        mode = "|eager" if eager else ""
+        key = f"{self.seed}|{config.canonical_json()}|{point.describe()}|{repeat}{mode}"
         return apply_noise(metrics, self.noise_pct, key)
+
+    def screening(self, point: OperatingPoint) -> SimScreening:
+        return SimScreening(self)
+
+
+class SimScreening:
+    """The model of an eager screening server: eager timing, the backend's noise, no start."""
+
+    name = "sim"
+    measured = False
+    starts = 0
+
+    def __init__(self, backend: SimBackend) -> None:
+        self.backend = backend
+        self._runs: dict[str, int] = {}
+
+    def evaluate(self, config: PrefetchConfig, point: OperatingPoint, repeat: int = 0) -> Metrics:
+        key = config.canonical_json()
+        seq = self._runs[key] = self._runs.get(key, -1) + 1  # every screened run draws anew
+        return self.backend._run(config, point, 1000 + seq, eager=True)
+
+    def close(self) -> None:
+        return None
 
 
 register_backend("sim", SimBackend)

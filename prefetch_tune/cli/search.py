@@ -142,6 +142,20 @@ def search(
         float,
         typer.Option("--tie-tolerance", help="Relative score tie; a tie goes to fewer bytes."),
     ] = 0.01,
+    screen: Annotated[
+        bool,
+        typer.Option(
+            "--screen",
+            help="Run the trials on one eager server, changing the config at run time; "
+            "restart (graph mode) only for the finalists, off and default.",
+        ),
+    ] = False,
+    screen_every: Annotated[
+        int,
+        typer.Option(
+            "--screen-every", help="With --screen: candidates between off/default re-runs."
+        ),
+    ] = 5,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would run (serve and bench commands) and exit."),
@@ -185,6 +199,8 @@ def search(
         seed=o["seed"],
         storage=o["storage"],
         tie_tolerance=float(o["tie_tolerance"]),
+        screen=bool(o["screen"]),
+        screen_every=int(o["screen_every"]),
     )
     settings.check()
     workload = Workload(input_len=o["input_len"], output_len=o["output_len"])

@@ -91,6 +91,8 @@ class SearchSettings:
     finalists: int = 3
     tie_tolerance: float = 0.01
     max_rel_mad: float = 0.10
+    screen: bool = False  # trials on one eager server, restarts only for finalists
+    screen_every: int = 5  # screened candidates between two off/default re-runs
 
     def check(self) -> None:
         if self.trials <= 0:
@@ -101,6 +103,8 @@ class SearchSettings:
             raise ConfigError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"--timeout {self.timeout}: must be > 0")
+        if self.screen_every <= 0:
+            raise ConfigError(f"--screen-every {self.screen_every}: must be > 0")
         if not 0 <= self.tie_tolerance < 1:
             raise ConfigError(f"--tie-tolerance {self.tie_tolerance}: must be in [0, 1)")
         check_metric(self.objective, "--objective")

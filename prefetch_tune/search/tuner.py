@@ -36,6 +36,13 @@ from prefetch_tune.results import (
     trials_path,
     write_result,
 )
+from prefetch_tune.search.screening import (
+    DRIFT_ATTR,
+    MODE_FINAL,
+    MODE_SCREENED,
+    open_drift_checked,
+    screening_summary,
+)
 from prefetch_tune.search.selection import Candidate, choose_winner, compare, remeasure
 from prefetch_tune.search.settings import Progress, SearchSettings
 from prefetch_tune.search.space import SearchSpace, build_space
@@ -204,6 +211,7 @@ def run_trials(
             progress.message(f"{label}: sampler has nothing left ({exc})")
             break
         trial.set_user_attr("owner", owner())
+        trial.set_user_attr("measured_in", MODE_SCREENED if settings.screen else MODE_FINAL)
         config = space.config(trial.params)
         key = space.key(config)
         trial.set_user_attr("key", key)
@@ -352,7 +360,7 @@ def search_point(
     if spent(study) < settings.trials:  # a finished study re-run gets no new (WAITING) seeds
         enqueue_seeds(study, space, seeds)
     label = f"max-num-seqs {point.max_num_seqs}"
-    run_trials(study, space, backend, settings, progress, label, stop)
+    screen = _run_trial_phase(study, space, backend, settings, progress, label, stop)
     outcome = SearchOutcome(point, None, None, None, stop.is_set(), name, storage_label)
     if stop.is_set():
         outcome.interrupted = True
@@ -364,12 +372,47 @@ def search_point(
         return outcome
     winner, notes = choose_winner(cands, point, settings)
     doc = build_result(point, backend, settings, space, study, storage_label, cands, winner, notes)
+    if screen is not None:
+        doc["screening"] = screening_summary(study, cands, settings, screen.starts, screen.drift)
     outcome.moved_damaged = write_result(path, doc)
     csv = trials_path(settings.results_dir, point, backend.name)
     write_trials_csv(study, space, csv)
     outcome.result, outcome.path, outcome.trials_csv, outcome.notes = doc, path, csv, notes
     release_journal(storage_label)
     return outcome
+
+
+@dataclass(frozen=True)
+class _ScreenCost:
+    starts: int
+    drift: list[dict[str, Any]]
+
+
+def _run_trial_phase(
+    study: optuna.Study,
+    space: SearchSpace,
+    backend: Backend,
+    settings: SearchSettings,
+    progress: Progress,
+    label: str,
+    stop: threading.Event,
+) -> _ScreenCost | None:
+    """The trials: on the backend itself, or (--screen) on one eager screening session."""
+    if not settings.screen:
+        run_trials(study, space, backend, settings, progress, label, stop)
+        return None
+    if spent(study) >= settings.trials:
+        drift = list(study.user_attrs.get(DRIFT_ATTR, []))
+        return _ScreenCost(int(study.user_attrs.get("screen_starts", 0)), drift)
+    session = open_drift_checked(backend, space.point, study, settings)
+    progress.message(f"{label}: screening on one eager server ({MODE_SCREENED})")
+    try:
+        run_trials(study, space, session, settings, progress, label, stop)
+    finally:
+        session.session.close()
+        starts = int(study.user_attrs.get("screen_starts", 0)) + session.session.starts
+        study.set_user_attr("screen_starts", starts)
+    return _ScreenCost(starts, session.drift)
 
 
 def _summary(c: Candidate, space: SearchSpace) -> dict[str, Any]:
@@ -479,6 +522,7 @@ def write_trials_csv(study: optuna.Study, space: SearchSpace, path: Path) -> Non
             "duplicate_of": t.user_attrs.get("duplicate_of"),
             "failure_class": t.user_attrs.get("failure_class"),
             "failure": t.user_attrs.get("failure"),
+            "measured_in": t.user_attrs.get("measured_in"),
         }
         row.update({f"ratio.{k}": space.ratio(k, v) for k, v in t.params.items()})
         row.update({f"mib.{k}": v for k, v in t.user_attrs.get("effective_mib", {}).items()})
