@@ -79,7 +79,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefetch_tune.backends.base import Metrics, OperatingPoint, register_backend
 from prefetch_tune.backends.bench import BenchSettings, build_bench_command, run_bench
@@ -840,6 +840,12 @@ class VllmBackend:
         if server is not None:
             server.stop()
 
+    def screening(self, point: OperatingPoint) -> VllmScreening:
+        """One eager server for `--screen` (see `vllm_screen`)."""
+        from prefetch_tune.backends.vllm_screen import VllmScreening
+
+        return VllmScreening(self, point)
+
     def close(self) -> None:
         """Stop the server kept alive for repeats (idempotent; also runs at exit)."""
         with self._lock:
@@ -867,6 +873,9 @@ def _factory(**settings: Any) -> VllmBackend:
 
 
 register_backend("vllm", _factory)
+
+if TYPE_CHECKING:
+    from prefetch_tune.backends.vllm_screen import VllmScreening
 
 __all__ = [
     "BENCH_KEYS",
