@@ -585,6 +585,7 @@ def serving_timing(
     input_len: int,
     output_len: int,
     hardware: str = "atlas-a2",
+    eager: bool = False,
 ) -> tuple[float, float]:
     """(TTFT, TPOT) in seconds for the fake `vllm serve` used in tests: simulated timing."""
     spec = load_model(model)
@@ -598,5 +599,5 @@ def serving_timing(
         hardware=hardware,
         workload=Workload(input_len=input_len, output_len=output_len),
     )
-    metrics, _ = evaluate_point(config, point)
+    metrics, _ = evaluate_point(config, point, eager=eager)
     return metrics["mean_ttft_ms"] / 1e3, metrics["mean_tpot_ms"] / 1e3

@@ -164,8 +164,106 @@ class Timing:
             self.raw_additional_config,
             input_len,
             output_len,
+            eager=bool(args.enforce_eager),
         )
         return float(ttft), float(tpot)
+
+    def switch(self, raw_additional_config: str) -> None:
+        """A new prefetch config runs in every worker: time the next requests with it."""
+        with self._lock:
+            self.raw_additional_config = raw_additional_config
+            self._cache.clear()
+
+
+class FakeWorkers:
+    """prefetch-tune's runtime in each rank's worker, as far as screening sees it.
+
+    With PREFETCH_TUNE_CONTROL and PREFETCH_TUNE_MARKER_DIR set (what `search --screen` sets),
+    each of the tp x dp "workers" runs the real `ControlChannel` on the control file, ticking
+    once per generated token, and writes its own marker. FAKE_VLLM_CONTROL_LAG=K makes rank r
+    look at the file only every (1 + r x K) x PREFETCH_TUNE_CONTROL_EVERY forwards, so the
+    workers acknowledge at different times. The timing switches once every worker runs the
+    same config. FAKE_VLLM_REQUEST_LOG=PATH: one JSON line per completion request with the
+    config hash each worker ran when it arrived and the one the control file asked for.
+    """
+
+    def __init__(self, args: argparse.Namespace, timing: Timing) -> None:
+        self.timing = timing
+        self.channels: list[Any] = []
+        self.hashes: list[str | None] = []
+        self.lock = threading.Lock()
+        self.request_log = os.environ.get("FAKE_VLLM_REQUEST_LOG") or None
+        self.control = control = os.environ.get("PREFETCH_TUNE_CONTROL", "")
+        self.marker_dir = os.environ.get("PREFETCH_TUNE_MARKER_DIR", "")
+        if not control or not self.marker_dir:
+            return
+        from prefetch_tune.prefetch import PrefetchConfig, parse_weight_prefetch_config
+        from prefetch_tune.runtime.control import ControlChannel, every_from_env, refusal
+
+        wpc = (args.additional_config or {}).get("weight_prefetch_config")
+        current = parse_weight_prefetch_config(wpc) if wpc is not None else PrefetchConfig.off()
+        lag = int(os.environ.get("FAKE_VLLM_CONTROL_LAG") or 0)
+        every = every_from_env()
+        ranks = args.tensor_parallel_size * args.data_parallel_size
+        self.configs = [current] * ranks
+        self.hashes = [None] * ranks
+        for rank in range(ranks):
+            self.channels.append(
+                ControlChannel(
+                    control,
+                    current,
+                    lambda config, r=rank: self._applied(r, config),
+                    lambda state, r=rank: self._marker(r, state),
+                    every=every * (1 + rank * lag),
+                    refused=refusal(bool(args.enforce_eager)),
+                )
+            )
+
+    def _applied(self, rank: int, config: Any) -> None:
+        self.configs[rank] = config
+        if all(c == config for c in self.configs):
+            self.timing.switch(json.dumps({"weight_prefetch_config": config.to_json_obj()}))
+            log(f"prefetch-tune runtime: control: every worker runs {config.canonical_json()}")
+
+    def _marker(self, rank: int, state: Any) -> None:
+        self.hashes[rank] = state.config_hash
+        doc = {
+            "tool": "prefetch-tune",
+            "pid": os.getpid(),
+            "rank": rank,
+            "worker": True,
+            "state": "active",
+            "config": self.configs[rank].to_json_obj(),
+            "control": state.to_json_obj(),
+        }
+        path = Path(self.marker_dir) / f"prefetch-tune-{os.getpid()}-r{rank}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(doc))
+        tmp.replace(path)
+
+    def arrived(self, prompt: Any) -> None:
+        """Note what each worker runs as a request arrives (FAKE_VLLM_REQUEST_LOG)."""
+        if not self.request_log:
+            return
+        from prefetch_tune.runtime.control import config_hash, parse_control_text
+
+        try:
+            wanted: str | None = config_hash(
+                parse_control_text(Path(self.control).read_text(), self.control)[0]
+            )
+        except Exception:
+            wanted = None
+        with self.lock:
+            line = {"prompt": str(prompt)[:40], "hashes": list(self.hashes), "wanted": wanted}
+            with open(self.request_log, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def forwards(self, n: int) -> None:
+        with self.lock:
+            for _ in range(n):
+                for channel in self.channels:
+                    channel.tick()
 
 
 class FakeServer(ThreadingHTTPServer):
@@ -180,6 +278,7 @@ class FakeServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.args = args
         self.timing = timing
+        self.workers = FakeWorkers(args, timing)
         self.names: list[str] = args.served_model_name or [args.model]
         self.ready_at = float("inf")
         self.slots = threading.BoundedSemaphore(args.max_num_seqs)
@@ -380,6 +479,7 @@ class Handler(BaseHTTPRequestHandler):
             n_out = max(1, min(max_tokens, eos))
         if server.crash_after == 0:
             die_mid_run()
+        server.workers.arrived(prompt)
         try:
             ttft, tpot = server.timing.get(n_in, max_tokens)
         except Exception as exc:  # the simulator refused this request: a 500, as a server bug
@@ -402,6 +502,7 @@ class Handler(BaseHTTPRequestHandler):
             finally:
                 with server.lock:
                     server.running -= 1
+        server.workers.forwards(n_out)
         server.request_finished()
 
     def _chunk(self, payload: str) -> None:
