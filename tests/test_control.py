@@ -138,15 +138,13 @@ def test_acknowledgements_are_read_from_worker_markers_only(tmp_path: Path) -> N
 
 # ------------------------------------------------------------- through the plugin's runtime
 
-from test_plugin import (  # noqa: E402
-    DENSE_HF,
-    ascend,  # noqa: F401  (fixture)
-    clean_plugin,  # noqa: F401  (autouse fixture: a fresh plugin per test)
-    load,
-    run,
-    torch_mod,  # noqa: F401  (fixture)
-    vllm_config,
-)
+import test_plugin  # noqa: E402
+from test_plugin import DENSE_HF, load, run, vllm_config  # noqa: E402
+
+# The fake vLLM-Ascend's fixtures (and its autouse fresh-plugin fixture), shared with test_plugin.
+ascend = test_plugin.ascend
+torch_mod = test_plugin.torch_mod
+clean_plugin = test_plugin.clean_plugin
 
 
 def eager(config: SimpleNamespace, value: bool = True) -> SimpleNamespace:
