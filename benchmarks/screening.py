@@ -31,7 +31,7 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from search_quality import (  # noqa: E402
+from search_quality import (
     POINTS,
     _in_memory,
     brute_force,
@@ -40,13 +40,13 @@ from search_quality import (  # noqa: E402
     pct,
 )
 
-from prefetch_tune.backends.base import Metrics, OperatingPoint  # noqa: E402
-from prefetch_tune.backends.sim import SimBackend, SimScreening  # noqa: E402
-from prefetch_tune.prefetch import PrefetchConfig, parse_weight_prefetch_config  # noqa: E402
-from prefetch_tune.search import tuner  # noqa: E402
-from prefetch_tune.search.settings import SearchSettings  # noqa: E402
-from prefetch_tune.search.space import build_space  # noqa: E402
-from prefetch_tune.search.tuner import search_point  # noqa: E402
+from prefetch_tune.backends.base import Metrics, OperatingPoint
+from prefetch_tune.backends.sim import SimBackend, SimScreening
+from prefetch_tune.prefetch import PrefetchConfig, parse_weight_prefetch_config
+from prefetch_tune.search import tuner
+from prefetch_tune.search.settings import SearchSettings
+from prefetch_tune.search.space import build_space
+from prefetch_tune.search.tuner import search_point
 
 
 class WallClockSim(SimBackend):
