@@ -141,7 +141,7 @@ def screened_trials(name: str, budget: int, opts: dict[str, float]) -> int:
     start and a run each): the eager start, then per candidate a run, its switch and its share
     of the off/default re-runs (every 5). The race after the trials costs both the same."""
     run_s = noiseless_duration(make_point(name))
-    per_candidate = run_s * (1 + 2 / 5) + opts["switch_s"]
+    per_candidate = run_s / 4 * (1 + 2 / 5) + opts["switch_s"]  # one wave of four
     return max(1, int((budget * (opts["restart_s"] + run_s) - opts["restart_s"]) / per_candidate))
 
 

@@ -40,6 +40,7 @@ SEARCH_KEYS: dict[str, tuple[type, ...]] = {
     "tie_tolerance": (int, float),
     "screen": (bool,),
     "screen_every": (int,),
+    "screen_waves": (int,),
 }
 
 

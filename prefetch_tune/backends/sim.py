@@ -508,6 +508,12 @@ def evaluate_point(
     return metrics, dec
 
 
+def run_noise_scale(point: OperatingPoint) -> float:
+    """`--noise` is the spread of a run of the default length (4 waves of the concurrency); a
+    run of fewer requests averages over fewer of them, so its spread grows as 1/sqrt(requests)."""
+    return math.sqrt(4 * point.concurrency / point.num_prompts)
+
+
 def apply_noise(metrics: Metrics, pct: float, key: str) -> Metrics:
     """Seeded multiplicative noise: one draw per run moves throughputs and latencies together."""
     if pct <= 0:
@@ -546,7 +552,7 @@ class SimBackend:
             return metrics  # noise-free: skip building the noise key
         mode = "|eager" if eager else ""
         key = f"{self.seed}|{config.canonical_json()}|{point.describe()}|{repeat}{mode}"
-        return apply_noise(metrics, self.noise_pct, key)
+        return apply_noise(metrics, self.noise_pct * run_noise_scale(point), key)
 
     def screening(self, point: OperatingPoint) -> SimScreening:
         return SimScreening(self)

@@ -156,6 +156,13 @@ def search(
             "--screen-every", help="With --screen: candidates between off/default re-runs."
         ),
     ] = 5,
+    screen_waves: Annotated[
+        int,
+        typer.Option(
+            "--screen-waves",
+            help="With --screen: a screened run's requests in waves of the concurrency.",
+        ),
+    ] = 1,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would run (serve and bench commands) and exit."),
@@ -201,6 +208,7 @@ def search(
         tie_tolerance=float(o["tie_tolerance"]),
         screen=bool(o["screen"]),
         screen_every=int(o["screen_every"]),
+        screen_waves=int(o["screen_waves"]),
     )
     settings.check()
     workload = Workload(input_len=o["input_len"], output_len=o["output_len"])

@@ -16,6 +16,7 @@ the screened and the final measurements of the finalists, so a user sees how far
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -59,6 +60,7 @@ class DriftChecked:
         return dict(getattr(self.session, "last_artifacts", {}))
 
     def evaluate(self, config: PrefetchConfig, point: OperatingPoint, repeat: int = 0) -> Metrics:
+        point = screened_point(point, self.settings.screen_waves)
         if self.candidates % self.every == 0:
             self.check_drift(point)
         self.candidates += 1
@@ -71,6 +73,13 @@ class DriftChecked:
             entry[label] = self.settings.objective_value(metrics)
         self.drift.append(entry)
         self.study.set_user_attr(DRIFT_ATTR, self.drift)
+
+
+def screened_point(point: OperatingPoint, waves: int) -> OperatingPoint:
+    """The point a screened run benchmarks: `waves` x concurrency requests (default 1 wave, a
+    quarter of a final run: ranking needs less precision than the final verdict)."""
+    workload = dataclasses.replace(point.workload, num_prompts=waves * point.concurrency)
+    return dataclasses.replace(point, workload=workload)
 
 
 def screened_runs(drift: list[dict[str, Any]], candidates: int) -> int:

@@ -93,6 +93,7 @@ class SearchSettings:
     max_rel_mad: float = 0.10
     screen: bool = False  # trials on one eager server, restarts only for finalists
     screen_every: int = 5  # screened candidates between two off/default re-runs
+    screen_waves: int = 1  # a screened run's requests, in waves of the concurrency
 
     def check(self) -> None:
         if self.trials <= 0:
@@ -105,6 +106,8 @@ class SearchSettings:
             raise ConfigError(f"--timeout {self.timeout}: must be > 0")
         if self.screen_every <= 0:
             raise ConfigError(f"--screen-every {self.screen_every}: must be > 0")
+        if self.screen_waves <= 0:
+            raise ConfigError(f"--screen-waves {self.screen_waves}: must be > 0")
         if not 0 <= self.tie_tolerance < 1:
             raise ConfigError(f"--tie-tolerance {self.tie_tolerance}: must be in [0, 1)")
         check_metric(self.objective, "--objective")
