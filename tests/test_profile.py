@@ -34,8 +34,10 @@ import pytest
 from helpers import assert_bad_input
 from typer.testing import CliRunner
 
-import prefetch_tune.analysis.profile as prof
-from prefetch_tune.analysis.profile import (
+import prefetch_tune.analysis.exports as exports
+from prefetch_tune.analysis.calibration import calibrate, write_profile
+from prefetch_tune.analysis.exports import iter_trace_events, load_profile
+from prefetch_tune.analysis.kernels import (
     ATTN,
     COMM,
     MATMUL,
@@ -46,15 +48,16 @@ from prefetch_tune.analysis.profile import (
     QUANT,
     SWIGLU,
     WAIT,
-    analyse,
-    calibrate,
-    choose_plan,
     classify,
-    iter_trace_events,
-    label_layers,
-    load_profile,
-    write_profile,
 )
+from prefetch_tune.analysis.pairing import (
+    ROLE_BITS,
+    PlanChoice,
+    choose_plan,
+    label_layers,
+    roles_of,
+)
+from prefetch_tune.analysis.profile import ProfileReport, analyse
 from prefetch_tune.analysis.trace import OP_TYPES, step_trace
 from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.backends.sim import StepResult, simulate_step
@@ -158,7 +161,7 @@ def sim_truth(step: StepResult) -> list[Truth]:
     return out
 
 
-def check_against_sim(report: prof.ProfileReport, step: StepResult) -> None:
+def check_against_sim(report: ProfileReport, step: StepResult) -> None:
     truth = {(t.knob, t.weight): t for t in sim_truth(step)}
     layers = step.layer_plan.model.layers
     assert len(report.instances) == len(truth) * layers
@@ -791,7 +794,7 @@ def bare_numbers(text: str) -> str:
     return re.sub(r'"__NUM__([0-9.]+)"', r"\1", text)
 
 
-def check_hand(report: prof.ProfileReport, trace: HandTrace, device_prefix: str = "") -> None:
+def check_hand(report: ProfileReport, trace: HandTrace, device_prefix: str = "") -> None:
     got = sorted(report.instances, key=lambda i: (i.device, i.cmo_start))
     want = sorted(trace.truth, key=lambda t: (t.device, t.start))
     assert len(got) == len(want) == trace.devices * trace.steps * trace.layers * len(HAND_KNOBS)
@@ -809,7 +812,7 @@ def check_hand(report: prof.ProfileReport, trace: HandTrace, device_prefix: str 
         assert k.bytes_source == "plan"
 
 
-def hand_plan() -> prof.PlanChoice:
+def hand_plan() -> PlanChoice:
     choice = choose_plan({}, model="qwen3-32b", tp=4, tokens=64, config=HAND_CONFIG)
     assert choice is not None
     return choice
@@ -1049,8 +1052,8 @@ def test_label_layers_dense_and_moe() -> None:
         cats = [classify(n) for n in kernel_names]
         roles, layers = label_layers(cats)
         for i, name in enumerate(names):
-            got = prof.roles_of(roles[i])
-            if name in prof.ROLE_BITS:
+            got = roles_of(roles[i])
+            if name in ROLE_BITS:
                 assert got == [name], (model, i, name, got)
             else:
                 assert got == [], (model, name)
@@ -1079,7 +1082,7 @@ def test_stream_reader_matches_json_load_at_any_chunk_size(
     path = tmp_path / "t.json"
     path.write_text(bare_numbers(json.dumps(doc, indent=1)))
     for chunk in (1, 7, 64, 1 << 20):
-        monkeypatch.setattr(prof, "CHUNK_CHARS", chunk)
+        monkeypatch.setattr(exports, "CHUNK_CHARS", chunk)
         it, top = iter_trace_events(path)
         events = list(it)
         assert [e["name"] for e in events] == [e["name"] for e in doc["traceEvents"]]
@@ -1088,7 +1091,7 @@ def test_stream_reader_matches_json_load_at_any_chunk_size(
         # long numbers (absolute µs) stay text, so no sub-µs digit is lost
         assert events[3]["ts"] == "1732873412345681.125"
     path.write_text(bare_numbers(json.dumps(doc["traceEvents"])))  # a bare array, as torch_npu
-    monkeypatch.setattr(prof, "CHUNK_CHARS", 5)
+    monkeypatch.setattr(exports, "CHUNK_CHARS", 5)
     it, top = iter_trace_events(path)
     assert len(list(it)) == 50 and top == {}
 

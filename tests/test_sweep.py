@@ -23,15 +23,10 @@ from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
 from prefetch_tune.cli.sweep import sweep
 from prefetch_tune.errors import BackendError
 from prefetch_tune.models import Layout, load_model
-from prefetch_tune.regress.sweep import (
-    SweepOptions,
-    SweepReport,
-    csv_text,
-    junit_xml,
-    load_plan,
-    markdown,
-    run_sweep,
-)
+from prefetch_tune.regress.outcomes import SweepReport
+from prefetch_tune.regress.outputs import csv_text, junit_xml, markdown
+from prefetch_tune.regress.sweep import SweepOptions, run_sweep
+from prefetch_tune.regress.sweep_plan import load_plan
 from prefetch_tune.search.settings import SearchSettings
 from prefetch_tune.search.tuner import search_point
 

@@ -10,16 +10,11 @@ from typing import Annotated, cast
 import typer
 from rich.table import Table
 
-from prefetch_tune.analysis.profile import (
-    Calibration,
-    ProfileReport,
-    Rules,
-    analyse,
-    calibrate,
-    choose_plan,
-    load_profile,
-    write_profile,
-)
+from prefetch_tune.analysis.calibration import Calibration, calibrate, write_profile
+from prefetch_tune.analysis.exports import load_profile
+from prefetch_tune.analysis.pairing import choose_plan
+from prefetch_tune.analysis.profile import ProfileReport, analyse
+from prefetch_tune.analysis.verdicts import Rules
 from prefetch_tune.cli.common import (
     CapOpt,
     ConfigJsonOpt,
@@ -100,7 +95,11 @@ def profile(
     as_json: JsonOpt = False,
 ) -> None:
     """Read a torch_npu profile: per knob, how the prefetch (CMO) overlaps the vector op it
-    hides behind, how late it ends, the stall at its join, its bandwidth, and a verdict."""
+    hides behind, how late it ends, the stall at its join, its bandwidth, and a verdict.
+
+    \f
+    Over 80 lines only because of its typer option declarations; the work is in `analysis/`.
+    """
     if quant is not None:
         choice(quant, QUANTS, "--quant")
     for value, flag in ((tp, "--tp"), (dp, "--dp"), (max_num_seqs, "--max-num-seqs")):

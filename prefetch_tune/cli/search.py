@@ -150,7 +150,11 @@ def search(
         str | None, typer.Option("--python", help="vllm backend: the serving environment's Python.")
     ] = None,
 ) -> None:
-    """Search the prefetch ratios per max-num-seqs and write the best ratio JSON for each."""
+    """Search the prefetch ratios per max-num-seqs and write the best ratio JSON for each.
+
+    \f
+    Over 80 lines only because of its typer option declarations; the work is in `search/`.
+    """
     flags = dict(ctx.params)
     vllm_table: dict[str, Any] = {}
     if config is not None:
