@@ -6,8 +6,7 @@ Fixtures with known truth:
 * simulated traces (`simulate_step(..., with_events=True)` + `trace.step_trace`): the truth per
   knob is read from the sim's own events (the CMO, the op named by the plan's `start_before`,
   the EVENT_WAIT carrying the knob);
-* hand-made exports that follow the documented layouts (reference/hardware-models-profiles.md
-  section 3): trace_view.json as a bare array with absolute string timestamps, host processes
+* hand-made exports that follow the documented layouts (docs/profile-formats.md): trace_view.json as a bare array with absolute string timestamps, host processes
   to skip, late metadata, two devices, two steps, fused AddRmsNormQuant, EVENT_RECORD/WAIT
   tasks; kernel_details.csv with reordered / extra / missing optional columns. The builder
   places every task itself, so it knows each prefetch's overlap, lateness and stall.
@@ -1037,7 +1036,7 @@ def test_calibrate_needs_a_writable_target(tmp_path: Path) -> None:
         ("aclnnCast_Cast", "", "AI_VECTOR_CORE", OTHER),
     ],
 )
-def test_classify(name: str, op_type: str, task_type: str, cat: int) -> None:
+def test_kernel_category(name: str, op_type: str, task_type: str, cat: int) -> None:
     assert kernel_category(name, op_type, task_type) == cat
 
 

@@ -268,7 +268,8 @@ def no_prefetch_causes(data: ProfileData, plan: PlanChoice | None) -> list[str]:
         "removed; the key is silently ignored) without the prefetch-tune plugin"
     )
     causes.append(
-        "token thresholds: MLP prefetch only below 500 tokens per forward, MoE only from 96; "
+        f"token thresholds: MLP prefetch only below {P.MLP_TOKEN_LIMIT} tokens per forward, MoE "
+        f"only from {P.MOE_TOKEN_MIN}; "
         "attn prefetch only in static W8A8 linears"
     )
     if data.fmt == "kernel_details":

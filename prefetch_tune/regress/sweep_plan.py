@@ -15,7 +15,7 @@ from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import Layout, MiB, ModelSpec, Quant, load_model
 from prefetch_tune.prefetch import SEMANTICS, Semantics
 from prefetch_tune.results import iter_results, result_path
-from prefetch_tune.runtime.plan import PlanOptions
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB, PlanOptions
 from prefetch_tune.tuneconfig import check_keys, read_toml
 
 DEFAULT_TOLERANCE_PCT = 2.0
@@ -57,7 +57,7 @@ class PlanPoint:
     hardware: str = "atlas-a2"
     semantics: Semantics = "plugin"
     sequence_parallel: bool = False
-    cap_mib: float = 18.0
+    cap_mib: float = DEFAULT_CAP_MIB
     input_len: int | None = None
     output_len: int | None = None
     backend: str | None = None
@@ -136,7 +136,7 @@ def _plan_points(raw: dict[str, Any], where: str) -> list[PlanPoint]:
     for key in ("input_len", "output_len", "tp", "dp"):
         if key in raw and raw[key] <= 0:
             raise ConfigError(f"{where}: {key} {raw[key]}: must be > 0")
-    cap = float(raw.get("cap_mib", 18.0))
+    cap = float(raw.get("cap_mib", DEFAULT_CAP_MIB))
     if cap <= 0:
         raise ConfigError(f"{where}: cap_mib {cap}: must be > 0")
     try:
@@ -184,7 +184,7 @@ def point_from_result(path: Path, doc: dict[str, Any]) -> PlanPoint:
             hardware=str(doc["hardware"]),
             semantics=cast(Semantics, doc["semantics"]),
             sequence_parallel=bool(doc.get("sequence_parallel", False)),
-            cap_mib=float(doc.get("cap_mib", 18.0)),
+            cap_mib=float(doc.get("cap_mib", DEFAULT_CAP_MIB)),
             input_len=wl.get("input_len"),
             output_len=wl.get("output_len"),
             backend=str(doc["backend"]),
