@@ -62,7 +62,7 @@ class VllmScreening:
 
     def _start(self) -> ServerProcess:
         backend, point = self.backend, self.point
-        info = backend.check_runtime(point)
+        info = backend.check_semantics(point)
         if info.semantics != "plugin":
             raise ConfigError(
                 f"--screen: needs prefetch-tune's runtime (plugin semantics); {info.reason}, and "
