@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,6 +21,7 @@ from prefetch_tune.runtime.control import (
     ControlState,
     config_hash,
     read_acknowledgements,
+    watch,
     write_control,
 )
 
@@ -120,6 +122,20 @@ def test_graph_mode_refuses_the_channel(tmp_path: Path) -> None:
     assert worker.config == PrefetchConfig.default()
     assert worker.acks[-1]["state"] == "refused"
     assert "graph mode" in worker.acks[-1]["reason"]
+
+
+def test_a_watch_thread_keeps_the_channel_live_without_forwards(tmp_path: Path) -> None:
+    worker, ch = channel(tmp_path)
+    stop = watch(ch, interval_s=0.01)
+    try:
+        write_control(tmp_path / "control.json", HALF, seq=1)
+        deadline = time.monotonic() + 5
+        while worker.config != HALF and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+    assert worker.config == HALF
+    assert worker.acks[-1]["state"] == "applied" and worker.acks[-1]["forwards"] == 0
 
 
 def test_acknowledgements_are_read_from_worker_markers_only(tmp_path: Path) -> None:

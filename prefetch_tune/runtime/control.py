@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,20 @@ class ControlChannel:
         return False
 
 
+def watch(channel: ControlChannel, interval_s: float = 0.2) -> threading.Event:
+    """Poll `channel` from a daemon thread every `interval_s`: for a worker whose hooks sleep
+    (no forwards to tick on), so the channel and its acknowledgements stay live. Set the
+    returned event to stop."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            channel.poll()
+
+    threading.Thread(target=loop, name="prefetch-tune-control", daemon=True).start()
+    return stop
+
+
 def every_from_env(environ: Mapping[str, str] | None = None) -> int:
     raw = (environ if environ is not None else os.environ).get(ENV_CONTROL_EVERY, "").strip()
     if not raw:
@@ -232,5 +247,6 @@ __all__ = [
     "parse_control_text",
     "read_acknowledgements",
     "refusal",
+    "watch",
     "write_control",
 ]
