@@ -6,6 +6,7 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -15,7 +16,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from prefetch_tune import numbers
 from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
+from prefetch_tune.backends.sim import NOISE_MAX_PCT
 from prefetch_tune.cli.common import (
     choice,
     err_console,
@@ -25,8 +28,9 @@ from prefetch_tune.cli.common import (
     resolve_semantics,
 )
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.hardware import load_hardware
 from prefetch_tune.results import check_writable
-from prefetch_tune.search.settings import SAMPLERS, SearchSettings, Slo
+from prefetch_tune.search.settings import SAMPLERS, SEED_MAX, SearchSettings, Slo
 from prefetch_tune.search.settings import Progress as SearchProgress
 from prefetch_tune.search.space import build_space
 from prefetch_tune.search.tuner import SearchOutcome, search_point
@@ -60,6 +64,27 @@ def _merge(ctx: typer.Context, flags: dict[str, Any], file_opts: dict[str, Any])
         if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
             merged[key] = value
     return merged
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _name(key: str, from_file: set[str], config: Path | None) -> str:
+    """How to name an option in an error: the tune file's key if it came from there."""
+    return f"{config}: {key}" if key in from_file else _flag(key)
+
+
+def _check_numbers(o: dict[str, Any], name: Callable[[str], str]) -> None:
+    """Every numeric search option through `numbers` (finite, in range), named as given."""
+    numbers.positive(o["cap_mib"], name("cap_mib"))
+    numbers.number(o["noise"], name("noise"), low=0, high=NOISE_MAX_PCT)
+    numbers.number(o["seed"], name("seed"), low=0, high=SEED_MAX, integer=True)
+    numbers.number(o["tie_tolerance"], name("tie_tolerance"), low=0, high=1, high_open=True)
+    if o["timeout"] is not None:
+        numbers.positive(o["timeout"], name("timeout"))
+    for key in ("trials", "repeats", "input_len", "output_len", "tp", "dp"):
+        numbers.positive(o[key], name(key), integer=True)
 
 
 @fail_on_errors
@@ -157,11 +182,14 @@ def search(
     """
     flags = dict(ctx.params)
     vllm_table: dict[str, Any] = {}
+    from_file: set[str] = set()
     if config is not None:
         file_opts, vllm_table = load_tune_file(config)
         flags = _merge(ctx, flags, file_opts)
+        from_file = {k for k in file_opts if flags[k] is file_opts[k]}
         err_console.print(f"using tune file {config}")
     o = flags
+    _check_numbers(o, lambda key: _name(key, from_file, config))
     if not o["model"]:
         raise ConfigError("--model is required (or `model` in --config)")
     seqs = o["max_num_seqs"] or []
@@ -169,8 +197,7 @@ def search(
     if not seqs:
         raise ConfigError("--max-num-seqs is required (repeatable, or `max_num_seqs` in --config)")
     for n in seqs:
-        if not isinstance(n, int) or n <= 0:
-            raise ConfigError(f"--max-num-seqs {n}: must be a positive integer")
+        numbers.positive(n, _name("max_num_seqs", from_file, config), integer=True)
     choice(o["sampler"], SAMPLERS, "--sampler")
     slos = tuple(
         Slo.parse(s) for s in ([o["slo"]] if isinstance(o["slo"], str) else o["slo"] or [])
@@ -178,6 +205,7 @@ def search(
     spec, layout = resolve_model(o["model"], o["quant"], o["tp"], o["dp"], o["ep"])
     sem = resolve_semantics(o["semantics"])
     options = resolve_options(o["sequence_parallel"], float(o["cap_mib"]))
+    load_hardware(o["hardware"])  # a bad profile fails here, before any study file exists
     settings = SearchSettings(
         results_dir=Path(o["results_dir"]),
         trials=o["trials"],
