@@ -171,6 +171,14 @@ def search(
         bool,
         typer.Option("--dry-run", help="Print what would run (serve and bench commands) and exit."),
     ] = False,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Store the new result even when it is less trustworthy than the stored one "
+            "(smaller budget, other objective or constraints); else it is written beside it.",
+        ),
+    ] = False,
     python: Annotated[
         str | None, typer.Option("--python", help="vllm backend: the serving environment's Python.")
     ] = None,
@@ -217,6 +225,7 @@ def search(
         seed=o["seed"],
         storage=o["storage"],
         tie_tolerance=float(o["tie_tolerance"]),
+        replace=bool(o["replace"]),
     )
     settings.check()
     workload = Workload(input_len=o["input_len"], output_len=o["output_len"])
@@ -341,12 +350,28 @@ def _report(outcomes: list[SearchOutcome], measured: bool, settings: SearchSetti
     for out in outcomes:
         if out.path is not None:
             typer.echo(str(out.path))
+            _say_stored(out)
             if out.moved_damaged is not None:
                 err_console.print(
                     f"[yellow]a damaged result file was kept aside as {out.moved_damaged}[/]"
                 )
         for note in out.notes:
             err_console.print(f"note (max-num-seqs {out.point.max_num_seqs}): {note}")
+
+
+def _say_stored(out: SearchOutcome) -> None:
+    """Which result `apply` will use for the point, when that is not simply the new one."""
+    st = out.stored
+    if st is None:
+        return
+    if st.beside:
+        err_console.print(
+            f"kept {st.used}: `apply` uses it, as {st.reason}; the new result is beside it "
+            f"in {st.written} (`apply --result` it, or rerun with --replace to store it)",
+            markup=False,
+        )
+    elif st.reason == "--replace":
+        err_console.print(f"replaced {st.used} (--replace)", markup=False)
 
 
 def _ratios(winner: dict[str, Any]) -> dict[str, float]:

@@ -94,6 +94,7 @@ class SearchSettings:
     finalists: int = 3
     tie_tolerance: float = 0.01
     max_rel_mad: float = 0.10
+    replace: bool = False  # a stored result gives way even to a less trustworthy one
 
     def check(self) -> None:
         numbers.positive(self.trials, "--trials", integer=True)

@@ -28,13 +28,14 @@ from prefetch_tune.errors import BackendError, ConfigError
 from prefetch_tune.models import MiB
 from prefetch_tune.prefetch import PrefetchConfig, emit, parse_weight_prefetch_config
 from prefetch_tune.results import (
+    Stored,
     atomic_write,
     iter_results,
     load_result,
     point_slug,
     result_path,
+    store_result,
     trials_path,
-    write_result,
 )
 from prefetch_tune.search.selection import Candidate, choose_winner, compare, remeasure
 from prefetch_tune.search.settings import Progress, SearchSettings
@@ -65,6 +66,7 @@ class SearchOutcome:
     study_name: str
     storage: str
     moved_damaged: Path | None = None
+    stored: Stored | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -364,10 +366,12 @@ def search_point(
         return outcome
     winner, notes = choose_winner(cands, point, settings)
     doc = build_result(point, backend, settings, space, study, storage_label, cands, winner, notes)
-    outcome.moved_damaged = write_result(path, doc)
+    outcome.stored = store_result(path, doc, settings.replace)
+    outcome.moved_damaged = outcome.stored.moved_damaged
     csv = trials_path(settings.results_dir, point, backend.name)
     write_trials_csv(study, space, csv)
-    outcome.result, outcome.path, outcome.trials_csv, outcome.notes = doc, path, csv, notes
+    outcome.result, outcome.trials_csv, outcome.notes = doc, csv, notes
+    outcome.path = outcome.stored.written
     release_journal(storage_label)
     return outcome
 
