@@ -26,7 +26,6 @@ from prefetch_tune.prefetch import (
 )
 from prefetch_tune.results import PointQuery, describe_point, load_result, matching_results
 
-
 BACKENDS = ("sim", "vllm")
 
 
