@@ -15,6 +15,7 @@ from typing import Any
 
 from prefetch_tune.backends.base import OperatingPoint
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.paths import TMP_SUFFIX, clean_stale_tmp, ensure_output_dir, tmp_prefix
 
 SCHEMA_VERSION = 1
 REQUIRED = (
@@ -55,18 +56,16 @@ def trials_path(results_dir: Path, point: OperatingPoint, backend: str) -> Path:
 
 
 def check_writable(results_dir: Path) -> None:
-    """Fail early (exit 2) when the results directory cannot be created or written."""
-    try:
-        results_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=results_dir, prefix=".probe-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--results-dir {results_dir}: not writable ({exc.strerror})") from None
+    """Fail early (exit 2) when the results directory cannot be made or written; remove the
+    temporary files a killed earlier run left in it."""
+    ensure_output_dir(results_dir, "--results-dir")
+    for folder in (results_dir, results_dir / "trials"):
+        clean_stale_tmp(folder)
 
 
 def atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path.name), suffix=TMP_SUFFIX)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)

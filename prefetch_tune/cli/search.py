@@ -195,7 +195,6 @@ def search(
         file_opts, vllm_table = load_tune_file(config)
         flags = _merge(ctx, flags, file_opts)
         from_file = {k for k in file_opts if flags[k] is file_opts[k]}
-        err_console.print(f"using tune file {config}")
     o = flags
     _check_numbers(o, lambda key: _name(key, from_file, config))
     if not o["model"]:
@@ -208,7 +207,8 @@ def search(
         numbers.positive(n, _name("max_num_seqs", from_file, config), integer=True)
     choice(o["sampler"], SAMPLERS, "--sampler")
     slos = tuple(
-        Slo.parse(s) for s in ([o["slo"]] if isinstance(o["slo"], str) else o["slo"] or [])
+        Slo.parse(s, _name("slo", from_file, config))
+        for s in ([o["slo"]] if isinstance(o["slo"], str) else o["slo"] or [])
     )
     spec, layout = resolve_model(o["model"], o["quant"], o["tp"], o["dp"], o["ep"])
     sem = resolve_semantics(o["semantics"])
@@ -249,6 +249,8 @@ def search(
         python=o["python"],
         results_dir=settings.results_dir,
     )
+    if config is not None:
+        err_console.print(f"using tune file {config}")
     if dry_run:
         _dry_run(be, points)
         return

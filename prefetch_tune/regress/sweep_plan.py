@@ -13,6 +13,7 @@ from typing import Any, cast
 from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import Layout, MiB, ModelSpec, Quant, load_model
+from prefetch_tune.numbers import non_negative
 from prefetch_tune.prefetch import SEMANTICS, Semantics
 from prefetch_tune.results import iter_results, result_path
 from prefetch_tune.runtime.plan import PlanOptions
@@ -99,9 +100,7 @@ def load_plan(path: Path) -> Plan:
         vllm=dict(doc.get("vllm", {})),
     )
     if "tolerance" in doc:
-        plan.tolerance = float(doc["tolerance"])
-        if plan.tolerance < 0:
-            raise ConfigError(f"{path}: tolerance {plan.tolerance}: must be >= 0 (percent)")
+        plan.tolerance = non_negative(doc["tolerance"], f"{path}: tolerance")
     if "repeats" in doc:
         plan.repeats = int(doc["repeats"])
         if plan.repeats <= 0:

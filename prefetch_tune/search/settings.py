@@ -53,17 +53,17 @@ class Slo:
     bound: float
 
     @classmethod
-    def parse(cls, text: str) -> Slo:
+    def parse(cls, text: str, flag: str = "--slo") -> Slo:
         m = re.fullmatch(r"\s*([A-Za-z0-9_.]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*", text)
         if not m:
             raise ConfigError(
-                f"--slo {text}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. p99_tpot_ms<=50"
+                f"{flag} {text}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. p99_tpot_ms<=50"
             )
         try:
             bound = float(m.group(3))
         except ValueError:
-            raise ConfigError(f"--slo {text}: {m.group(3)!r} is not a number") from None
-        numbers.number(bound, f"--slo {text}: bound")
+            raise ConfigError(f"{flag} {text}: {m.group(3)!r} is not a number") from None
+        numbers.number(bound, f"{flag} {text}: bound")
         op: Literal["<=", ">="] = "<=" if m.group(2) == "<=" else ">="
         return cls(m.group(1), op, bound)
 
