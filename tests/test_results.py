@@ -4,8 +4,14 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +220,79 @@ def test_apply_finds_a_model_directory_by_its_path(
         "R",
     )
     assert applied(rel) == want
+
+
+# ---- damaged and wrong-typed result files ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("winner.total_effective_mib", "a lot"),
+        ("winner.objective_median", [1]),
+        ("improvement.vs_off.pct", "12%"),
+        ("objective", "output_throughput"),
+        ("layout.ep", 1),
+        ("max_num_seqs", 7.5),
+    ],
+)
+def test_show_and_apply_name_a_wrong_typed_field(tmp_path: Path, field: str, value: Any) -> None:
+    search(tmp_path)
+    path = only_result(tmp_path)
+    doc = load_result(path)
+    node = doc
+    *parents, last = field.split(".")
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    path.write_text(json.dumps(doc))
+    before = path.read_bytes()
+    shown = run("show", "--results-dir", tmp_path)
+    assert shown.exit_code == 0, shown.stderr
+    assert "Traceback" not in shown.stderr and "unreadable" in shown.stderr
+    assert field in " ".join(shown.stderr.split())
+    assert_bad_input(run("apply", "--result", path), str(path), f"field {field}")
+    assert path.read_bytes() == before
+
+
+def test_show_lists_a_result_kept_beside(tmp_path: Path) -> None:
+    search(tmp_path, trials=8)
+    shutil.rmtree(tmp_path / "studies")
+    search(tmp_path, trials=3)
+    (alt,) = tmp_path.glob("*.alt-*.json")
+    shown = run("show", "--results-dir", tmp_path)
+    assert shown.exit_code == 0
+    assert alt.name[:20] in shown.stderr
+
+
+WRITER = """
+import sys, tempfile, time
+from prefetch_tune.paths import TMP_SUFFIX, tmp_prefix
+for folder in sys.argv[1:]:
+    fd, name = tempfile.mkstemp(dir=folder, prefix=tmp_prefix("r.json"), suffix=TMP_SUFFIX)
+    open(fd, "w").write("half a resu")
+print("written", flush=True)
+time.sleep(600)
+"""
+
+
+def test_tmp_files_of_a_killed_writer_are_gone_after_the_next_run(tmp_path: Path) -> None:
+    search(tmp_path)
+    folders = [tmp_path, tmp_path / "trials"]
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, *map(str, folders)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdout.readline().strip() == "written"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=10)
+    left = [p for f in folders for p in f.glob(".*.tmp")]
+    assert len(left) == 2
+    live = tmp_path / f".{os.getpid()}-live.json.{socket.gethostname()}.{os.getpid()}.x.tmp"
+    live.write_text("being written by a live process")
+    old = tmp_path / ".ancient.json.abc.tmp"
+    old.write_text("from a crash long ago")
+    os.utime(old, (time.time() - 3 * 86400,) * 2)
+    shutil.rmtree(tmp_path / "studies")
+    search(tmp_path, "--replace")
+    assert not any(p.exists() for p in left) and not old.exists()
+    assert live.exists()
