@@ -213,3 +213,15 @@ def test_a_record_optuna_cannot_replay_is_one_line(tmp_path: Path) -> None:
     r = run("search", *MODEL, "--trials", "6", "--results-dir", tmp_path)
     assert_bad_input(r, str(journal), "damaged journal")
     assert journal.read_bytes() == before
+
+
+def test_a_relative_sqlite_url_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("sqlalchemy")
+    from prefetch_tune.search.storage import open_url
+
+    monkeypatch.chdir(tmp_path)
+    _, url = open_url("sqlite:///sub.db")
+    assert url == f"sqlite:///{tmp_path / 'sub.db'}"
+    assert (tmp_path / "sub.db").exists()
