@@ -119,6 +119,7 @@ def test_survivor_finishes_after_lock_holder_is_killed_mid_write_via_relative_pa
             os.killpg(survivor.pid, signal.SIGKILL)
             survivor.wait(timeout=10)
     assert survivor.returncode == 0, err
+    print(f"survivor finished {took:.2f} s after the kill")
     assert took < 30, f"survivor took {took:.1f} s after the kill"
     assert "broke a stale journal lock" in err and f"process {holder.pid}" in err
     assert "cut a half-written last record" in err
