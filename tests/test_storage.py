@@ -226,3 +226,12 @@ def test_a_relative_sqlite_url_is_made_absolute(
     _, url = open_url("sqlite:///sub.db")
     assert url == f"sqlite:///{tmp_path / 'sub.db'}"
     assert (tmp_path / "sub.db").exists()
+
+
+@pytest.mark.parametrize(
+    "bad", [("--hardware", "atlas-z9"), ("--cap-mib", "nan"), ("--seed", "-1")]
+)
+def test_a_failed_start_leaves_no_study_file(tmp_path: Path, bad: tuple[str, str]) -> None:
+    r = run("search", *MODEL, "--trials", "3", "--results-dir", tmp_path / "R", *bad)
+    assert_bad_input(r, bad[0])
+    assert not (tmp_path / "R").exists() or not list((tmp_path / "R").rglob("*"))

@@ -316,6 +316,7 @@ def search_point(
     stop = stop or threading.Event()
     space = build_space(point)
     name = study_name(point, backend.name)
+    sampler = make_sampler(settings, space)  # may refuse (exit 2): before any study file exists
     storage, storage_label = storage_for(settings, name)
     alone = not settings.storage and claim_journal(storage_label)
     direction: Literal["minimize", "maximize"] = "minimize" if settings.minimize else "maximize"
@@ -323,7 +324,7 @@ def search_point(
         study_name=name,
         storage=storage,
         direction=direction,
-        sampler=make_sampler(settings, space),
+        sampler=sampler,
         load_if_exists=True,
     )
     if study.direction.name.lower() != direction:
