@@ -59,11 +59,19 @@ class RichProgress(SearchProgress):
 def _merge(ctx: typer.Context, flags: dict[str, Any], file_opts: dict[str, Any]) -> dict[str, Any]:
     """Flags given on the command line win; otherwise the tune file; otherwise the default."""
     merged = dict(flags)
-    for key, value in file_opts.items():
-        source = ctx.get_parameter_source(key)
-        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
-            merged[key] = value
+    for key in _from_file(ctx, file_opts):
+        merged[key] = file_opts[key]
     return merged
+
+
+def _from_file(ctx: typer.Context, file_opts: dict[str, Any]) -> set[str]:
+    """The tune file's keys that no command-line flag overrides."""
+    return {
+        key
+        for key in file_opts
+        if (source := ctx.get_parameter_source(key)) is None
+        or source.name in ("DEFAULT", "DEFAULT_MAP")
+    }
 
 
 def _flag(key: str) -> str:
@@ -194,7 +202,7 @@ def search(
     if config is not None:
         file_opts, vllm_table = load_tune_file(config)
         flags = _merge(ctx, flags, file_opts)
-        from_file = {k for k in file_opts if flags[k] is file_opts[k]}
+        from_file = _from_file(ctx, file_opts)
     o = flags
     _check_numbers(o, lambda key: _name(key, from_file, config))
     if not o["model"]:
