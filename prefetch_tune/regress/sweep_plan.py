@@ -16,7 +16,7 @@ from prefetch_tune.models import Layout, MiB, ModelSpec, Quant, load_model
 from prefetch_tune.numbers import non_negative, positive
 from prefetch_tune.prefetch import SEMANTICS, Semantics
 from prefetch_tune.results import iter_results, result_path
-from prefetch_tune.runtime.plan import PlanOptions
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB, PlanOptions
 from prefetch_tune.tuneconfig import check_keys, read_toml
 
 DEFAULT_TOLERANCE_PCT = 2.0
@@ -58,7 +58,7 @@ class PlanPoint:
     hardware: str = "atlas-a2"
     semantics: Semantics = "plugin"
     sequence_parallel: bool = False
-    cap_mib: float = 18.0
+    cap_mib: float = DEFAULT_CAP_MIB
     input_len: int | None = None
     output_len: int | None = None
     backend: str | None = None
@@ -133,7 +133,7 @@ def _plan_points(raw: dict[str, Any], where: str) -> list[PlanPoint]:
     for key in ("input_len", "output_len", "tp", "dp"):
         if key in raw:
             positive(raw[key], f"{where}: {key}", integer=True)
-    cap = positive(raw.get("cap_mib", 18.0), f"{where}: cap_mib")
+    cap = positive(raw.get("cap_mib", DEFAULT_CAP_MIB), f"{where}: cap_mib")
     try:
         spec = load_model(str(raw["model"]), cast(Quant | None, quant))
         layout = Layout(
@@ -179,7 +179,7 @@ def point_from_result(path: Path, doc: dict[str, Any]) -> PlanPoint:
             hardware=str(doc["hardware"]),
             semantics=cast(Semantics, doc["semantics"]),
             sequence_parallel=bool(doc.get("sequence_parallel", False)),
-            cap_mib=float(doc.get("cap_mib", 18.0)),
+            cap_mib=float(doc.get("cap_mib", DEFAULT_CAP_MIB)),
             input_len=wl.get("input_len"),
             output_len=wl.get("output_len"),
             backend=str(doc["backend"]),
