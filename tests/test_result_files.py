@@ -16,7 +16,18 @@ from prefetch_tune.results import REQUIRED, SCHEMA_VERSION, iter_results, load_r
 
 def _doc(marker: str) -> dict[str, object]:
     """A result document `load_result` accepts (so it is replaced, not moved aside)."""
-    doc: dict[str, object] = {key: {} for key in REQUIRED}
+    typed: dict[str, object] = {  # the field types load_result checks
+        "model": {"name": "m", "quant": "w8a8"},
+        "layout": {"tp": 1, "dp": 1, "ep": False},
+        "max_num_seqs": 8,
+        "hardware": "atlas-a2",
+        "backend": "sim",
+        "semantics": "plugin",
+        "simulated": True,
+        "additional_config": "",
+        "objective": {"metric": "output_throughput", "direction": "maximize"},
+    }
+    doc: dict[str, object] = {key: typed.get(key, {}) for key in REQUIRED}
     doc.update(schema_version=SCHEMA_VERSION, marker=marker, padding="x" * 100_000)
     return doc
 

@@ -78,6 +78,7 @@ def results(fresh_results: Path, tmp_path: Path) -> Path:
 
 def outputs(tmp_path: Path) -> tuple[Path, Path, Path, list[str]]:
     junit, md, csv = tmp_path / "out" / "s.xml", tmp_path / "out" / "s.md", tmp_path / "s.csv"
+    junit.parent.mkdir(exist_ok=True)  # output files need an existing folder
     return junit, md, csv, ["--junit", str(junit), "--markdown", str(md), "--csv", str(csv)]
 
 

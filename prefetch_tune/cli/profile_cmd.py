@@ -34,6 +34,7 @@ from prefetch_tune.cli.common import (
 from prefetch_tune.cli.simulate import HardwareOpt
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import QUANTS, MiB, Quant
+from prefetch_tune.numbers import non_negative
 from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB
 
 VERDICT_STYLE = {"raise": "green", "keep": "cyan", "lower": "yellow", "off": "red"}
@@ -108,8 +109,7 @@ def profile(
             positive(value, flag)
     if tokens is not None:
         positive(tokens, "--tokens")
-    if late_tol_us < 0:
-        raise ConfigError(f"--late-tol-us {late_tol_us}: must be >= 0")
+    non_negative(late_tol_us, "--late-tol-us")
     if calibrate_out is not None and not calibrate_out.parent.is_dir():
         raise ConfigError(
             f"--calibrate {calibrate_out}: directory {calibrate_out.parent} is missing"

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.numbers import json_loads
 from prefetch_tune.prefetch import ROOT_KEY, PrefetchConfig, parse_weight_prefetch_config
 
 ENV_CONTROL = "PREFETCH_TUNE_CONTROL"
@@ -44,7 +45,7 @@ def config_hash(config: PrefetchConfig) -> str:
 def parse_control_text(text: str, path: str) -> tuple[PrefetchConfig, int | None]:
     """The config (and seq) a control file asks for; ConfigError names the file and key."""
     try:
-        doc = json.loads(text, parse_constant=_reject_constant)
+        doc = json_loads(text)
     except ValueError as exc:
         raise ConfigError(f"{path}: not JSON ({exc})") from None
     if not isinstance(doc, Mapping):
@@ -56,10 +57,6 @@ def parse_control_text(text: str, path: str) -> tuple[PrefetchConfig, int | None
     if isinstance(body, Mapping):
         body = {k: v for k, v in body.items() if k != "seq"}
     return parse_weight_prefetch_config(body, f"{path}:{ROOT_KEY}"), seq
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number")
 
 
 def write_control(path: Path, config: PrefetchConfig, seq: int) -> str:
