@@ -37,7 +37,7 @@ SEARCH_KEYS: dict[str, tuple[type, ...]] = {
     "results_dir": (str,),
     "input_len": (int,),
     "output_len": (int,),
-    "tie_tolerance": (int, float),
+    "max_repeats": (int,),
 }
 
 

@@ -100,8 +100,18 @@ def search(
         typer.Option("--timeout", help="Seconds per max-num-seqs; the current trial finishes."),
     ] = None,
     repeats: Annotated[
-        int, typer.Option("--repeats", help="Re-measurements of each finalist, off and default.")
+        int,
+        typer.Option(
+            "--repeats", help="Selection race: rounds of off, default and finalists before any drops."
+        ),
     ] = 3,
+    max_repeats: Annotated[
+        int | None,
+        typer.Option(
+            "--max-repeats",
+            help="Selection race: rounds at most, it stops once decided [default: max(12, 4 x --repeats)].",
+        ),
+    ] = None,
     objective: Annotated[
         str,
         typer.Option(
@@ -138,10 +148,6 @@ def search(
     output_len: Annotated[
         int, typer.Option("--output-len", help="Generated tokens per request.")
     ] = 1500,
-    tie_tolerance: Annotated[
-        float,
-        typer.Option("--tie-tolerance", help="Relative score tie; a tie goes to fewer bytes."),
-    ] = 0.01,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would run (serve and bench commands) and exit."),
@@ -184,7 +190,7 @@ def search(
         sampler=o["sampler"],
         seed=o["seed"],
         storage=o["storage"],
-        tie_tolerance=float(o["tie_tolerance"]),
+        max_repeats=o["max_repeats"],
     )
     settings.check()
     workload = Workload(input_len=o["input_len"], output_len=o["output_len"])

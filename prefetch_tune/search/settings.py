@@ -82,14 +82,14 @@ class SearchSettings:
     results_dir: Path
     trials: int = 30
     timeout: float | None = None
-    repeats: int = 3
+    repeats: int = 3  # race rounds before the first elimination
+    max_repeats: int | None = None  # race rounds at most; None: max(12, 4 x repeats)
     objective: str = "output_throughput"
     slos: tuple[Slo, ...] = ()
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
     finalists: int = 3
-    tie_tolerance: float = 0.01
     max_rel_mad: float = 0.10
 
     def check(self) -> None:
@@ -97,12 +97,14 @@ class SearchSettings:
             raise ConfigError(f"--trials {self.trials}: must be > 0")
         if self.repeats <= 0:
             raise ConfigError(f"--repeats {self.repeats}: must be > 0")
+        if self.max_repeats is not None and self.max_repeats < self.repeats:
+            raise ConfigError(
+                f"--max-repeats {self.max_repeats}: must be >= --repeats {self.repeats}"
+            )
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"--timeout {self.timeout}: must be > 0")
-        if not 0 <= self.tie_tolerance < 1:
-            raise ConfigError(f"--tie-tolerance {self.tie_tolerance}: must be in [0, 1)")
         check_metric(self.objective, "--objective")
         for slo in self.slos:
             check_metric(slo.metric, f"--slo {slo}:")
@@ -115,6 +117,11 @@ class SearchSettings:
                 f"(known: {', '.join(sorted(k for k in metrics if not k.startswith('sim_')))})"
             )
         return float(metrics[self.objective])
+
+    @property
+    def round_cap(self) -> int:
+        """The selection race's most rounds."""
+        return self.max_repeats if self.max_repeats is not None else max(12, 4 * self.repeats)
 
     @property
     def minimize(self) -> bool:

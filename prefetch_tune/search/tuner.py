@@ -36,7 +36,15 @@ from prefetch_tune.results import (
     trials_path,
     write_result,
 )
-from prefetch_tune.search.selection import Candidate, choose_winner, compare, remeasure
+from prefetch_tune.search.selection import (
+    LEVEL,
+    Candidate,
+    RaceCost,
+    choose_winner,
+    interval,
+    measured_noise,
+    race,
+)
 from prefetch_tune.search.settings import Progress, SearchSettings
 from prefetch_tune.search.space import SearchSpace, build_space
 from prefetch_tune.search.studies import (
@@ -358,18 +366,63 @@ def search_point(
         outcome.interrupted = True
         return outcome
     cands = _finalists(study, space, settings)
-    remeasure(cands, point, backend, settings, progress, stop)
+    cost = race(cands, point, backend, settings, progress, stop)
     if stop.is_set():
         outcome.interrupted = True
         return outcome
     winner, notes = choose_winner(cands, point, settings)
     doc = build_result(point, backend, settings, space, study, storage_label, cands, winner, notes)
+    doc["selection"] = selection_summary(cands, settings, cost)
+    doc["cost"] = cost_summary(study, backend, cost)
     outcome.moved_damaged = write_result(path, doc)
     csv = trials_path(settings.results_dir, point, backend.name)
     write_trials_csv(study, space, csv)
     outcome.result, outcome.path, outcome.trials_csv, outcome.notes = doc, path, csv, notes
     release_journal(storage_label)
     return outcome
+
+
+def search_runs(study: optuna.Study) -> int:
+    """Backend runs the trials paid for (every process on the study): not duplicates of a
+    measured key, not failures skipped without a run."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if "duplicate_of" not in t.user_attrs and t.user_attrs.get("failure_class") != "skipped"
+    )
+
+
+def cost_summary(study: optuna.Study, backend: Backend, race_cost: RaceCost) -> dict[str, Any]:
+    """What the search and the selection cost: backend runs, and server starts where the
+    backend starts servers (vllm: one per trial, and one per race run as configs alternate)."""
+    runs = search_runs(study)
+    starts = runs if hasattr(backend, "server_starts") else 0
+    return {
+        "search": {"backend_runs": runs, "server_starts": starts},
+        "selection": {
+            "backend_runs": race_cost.backend_runs,
+            "server_starts": race_cost.server_starts,
+            "rounds": race_cost.rounds,
+        },
+        "total": {
+            "backend_runs": runs + race_cost.backend_runs,
+            "server_starts": starts + race_cost.server_starts,
+        },
+    }
+
+
+def selection_summary(
+    cands: list[Candidate], settings: SearchSettings, cost: RaceCost
+) -> dict[str, Any]:
+    return {
+        "method": "interleaved round-robin race of off, default and finalists, paired with off",
+        "interval": interval(cands[0], cands[0], settings.minimize).to_json()["method"],
+        "level": LEVEL,
+        "min_rounds": settings.repeats,
+        "max_rounds": settings.round_cap,
+        "rounds": cost.rounds,
+        "noise": measured_noise(cands[:2]),
+    }
 
 
 def _summary(c: Candidate, space: SearchSpace) -> dict[str, Any]:
@@ -385,6 +438,7 @@ def _summary(c: Candidate, space: SearchSpace) -> dict[str, Any]:
         "objective_mad": c.mad if c.values else None,
         "metrics_median": med,
         "rejected": c.rejected or None,
+        "dropped": c.dropped or None,
     }
 
 
@@ -433,13 +487,17 @@ def build_result(
         },
         "constraints": [str(s) for s in settings.slos],
         "repeats": settings.repeats,
+        "max_repeats": settings.round_cap,
         "winner": _summary(winner, space) | {"is_off": winner.key == "off"},
         "baselines": {"off": _summary(off, space), "default": _summary(default, space)},
         "improvement": {
-            "vs_off": compare(winner, off, settings.minimize),
-            "vs_default": compare(winner, default, settings.minimize),
+            "vs_off": interval(winner, off, settings.minimize).to_json(),
+            "vs_default": interval(winner, default, settings.minimize).to_json(),
         },
-        "finalists": [_summary(c, space) for c in cands],
+        "finalists": [
+            _summary(c, space) | {"vs_off": interval(c, off, settings.minimize).to_json()}
+            for c in cands
+        ],
         "additional_config": emission.flag,
         "additional_config_notes": list(emission.notes),
         "notes": notes,
