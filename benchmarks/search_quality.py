@@ -30,7 +30,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -118,8 +117,15 @@ def one_run(
             study.tell(trial, value)
         config = space.config(study.best_trial.params)
         return Run(
-            point_name, method, budget, 0, seed, _regret(config, point, opt), space.key(config)
-            == "off", budget, None
+            point_name,
+            method,
+            budget,
+            0,
+            seed,
+            _regret(config, point, opt),
+            space.key(config) == "off",
+            budget,
+            None,
         )
     with tempfile.TemporaryDirectory() as tmp:
         settings = SearchSettings(
@@ -153,7 +159,7 @@ def _regret(config: PrefetchConfig, point: OperatingPoint, opt: float) -> float:
 
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def row(label: str, runs: list[Run]) -> str:
@@ -238,7 +244,9 @@ def main() -> int:
         for budget in args.budgets:
             for method in ("stock-tpe", *SEARCHED):
                 print(row(f"{method} {budget}", pick(name, method, budget, args.repeats)))
-    print(f"\n--repeats raised: ours at 12 trials, --repeats {args.repeats} vs {args.raised_repeats}")
+    print(
+        f"\n--repeats raised: ours at 12 trials, --repeats {args.repeats} vs {args.raised_repeats}"
+    )
     print(HEAD)
     for name in args.points:
         for rep in (args.repeats, args.raised_repeats):

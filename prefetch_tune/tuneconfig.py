@@ -34,6 +34,7 @@ SEARCH_KEYS: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "noise": (int, float),
     "storage": (str,),
+    "heartbeat": (int,),
     "results_dir": (str,),
     "input_len": (int,),
     "output_len": (int,),

@@ -102,7 +102,8 @@ def search(
     repeats: Annotated[
         int,
         typer.Option(
-            "--repeats", help="Selection race: rounds of off, default and finalists before any drops."
+            "--repeats",
+            help="Selection race: rounds of off, default and finalists before any drops.",
         ),
     ] = 3,
     max_repeats: Annotated[
@@ -136,6 +137,13 @@ def search(
             "--storage", help="Optuna storage URL (e.g. postgresql://...) shared by several hosts."
         ),
     ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            "--heartbeat",
+            help="RDB --storage: seconds between trial heartbeats; a worker silent for 3x is dead.",
+        ),
+    ] = 60,
     results_dir: Annotated[
         Path, typer.Option("--results-dir", help="Where result files, trial tables and studies go.")
     ] = Path("results"),
@@ -190,6 +198,7 @@ def search(
         sampler=o["sampler"],
         seed=o["seed"],
         storage=o["storage"],
+        heartbeat_s=o["heartbeat"],
         max_repeats=o["max_repeats"],
     )
     settings.check()

@@ -89,6 +89,7 @@ class SearchSettings:
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
+    heartbeat_s: int = 60  # RDB storages: Optuna heartbeat interval (stale after 3 x)
     finalists: int = 3
     max_rel_mad: float = 0.10
 
@@ -103,6 +104,8 @@ class SearchSettings:
             )
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
+        if self.heartbeat_s <= 0:
+            raise ConfigError(f"--heartbeat {self.heartbeat_s}: must be > 0 seconds")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"--timeout {self.timeout}: must be > 0")
         check_metric(self.objective, "--objective")

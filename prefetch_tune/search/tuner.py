@@ -14,6 +14,7 @@ import logging
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -50,9 +51,12 @@ from prefetch_tune.search.space import SearchSpace, build_space
 from prefetch_tune.search.studies import (
     GRID_LEVELS,
     HAS_SET_CONSTRAINT,
-    claim_journal,
-    fail_orphans,
+    beating,
+    fail_stale,
+    heartbeat_interval,
     make_sampler,
+    open_journal_study,
+    others_running,
     owner,
     release_journal,
     spent,
@@ -197,9 +201,17 @@ def run_trials(
     }
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     progress.start(label, settings.trials, min(spent(study), settings.trials))
+    beat = heartbeat_interval(study)
     while not stop.is_set():
+        if fail_stale(study):
+            progress.message(f"{label}: failed a trial of a worker whose heartbeat stopped")
         if spent(study) >= settings.trials:
-            break
+            if beat is None or not others_running(study):
+                break
+            # Other workers' trials still count: wait until they end or go stale (and are
+            # queued again), so the budget ends in COMPLETE trials.
+            stop.wait(beat)
+            continue
         if deadline is not None and time.monotonic() >= deadline:
             progress.message(f"{label}: --timeout reached")
             break
@@ -207,34 +219,47 @@ def run_trials(
             progress.message(f"{label}: every grid point was tried")
             break
         try:
-            trial = study.ask(dists)
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = study.ask(dists)
         except RuntimeError as exc:  # e.g. GridSampler exhausted
             progress.message(f"{label}: sampler has nothing left ({exc})")
             break
-        trial.set_user_attr("owner", owner())
-        config = space.config(trial.params)
-        key = space.key(config)
-        trial.set_user_attr("key", key)
-        trial.set_user_attr("config", config.canonical_json())
-        trial.set_user_attr("effective_mib", space.effective_mib(config))
-        done, failed = _measured(study)
-        if key in done:  # same effective bytes: never pay twice
-            prior = done[key]
-            trial.set_user_attr("duplicate_of", prior.number)
-            trial.set_user_attr("metrics", prior.user_attrs.get("metrics", {}))
-            _tell_complete(
-                study,
-                trial,
-                float(prior.value or 0.0),
-                list(prior.user_attrs.get("constraints", [])),
-            )
-        elif key in failed:
-            trial.set_user_attr("failure_class", "skipped")
-            trial.set_user_attr("failure", f"same config failed in trial {failed[key]}; not re-run")
-            _tell(study, trial, state=TrialState.FAIL)
-        else:
-            _evaluate_trial(study, trial, config, space.point, backend, settings)
+        with beating(study, trial):
+            _run_trial(study, trial, space, backend, settings)
         progress.advance(label, min(spent(study), settings.trials), _best(study, settings))
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    space: SearchSpace,
+    backend: Backend,
+    settings: SearchSettings,
+) -> None:
+    trial.set_user_attr("owner", owner())
+    config = space.config(trial.params)
+    key = space.key(config)
+    trial.set_user_attr("key", key)
+    trial.set_user_attr("config", config.canonical_json())
+    trial.set_user_attr("effective_mib", space.effective_mib(config))
+    done, failed = _measured(study)
+    if key in done:  # same effective bytes: never pay twice
+        prior = done[key]
+        trial.set_user_attr("duplicate_of", prior.number)
+        trial.set_user_attr("metrics", prior.user_attrs.get("metrics", {}))
+        _tell_complete(
+            study,
+            trial,
+            float(prior.value or 0.0),
+            list(prior.user_attrs.get("constraints", [])),
+        )
+    elif key in failed:
+        trial.set_user_attr("failure_class", "skipped")
+        trial.set_user_attr("failure", f"same config failed in trial {failed[key]}; not re-run")
+        _tell(study, trial, state=TrialState.FAIL)
+    else:
+        _evaluate_trial(study, trial, config, space.point, backend, settings)
 
 
 def _evaluate_trial(
@@ -323,21 +348,27 @@ def search_point(
     space = build_space(point)
     name = study_name(point, backend.name)
     storage, storage_label = storage_for(settings, name)
-    alone = not settings.storage and claim_journal(storage_label)
     direction: Literal["minimize", "maximize"] = "minimize" if settings.minimize else "maximize"
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction=direction,
-        sampler=make_sampler(settings, space),
-        load_if_exists=True,
-    )
+
+    def open_study() -> optuna.Study:
+        return optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction=direction,
+            sampler=make_sampler(settings, space),
+            load_if_exists=True,
+        )
+
+    if settings.storage:  # RDB: Optuna's heartbeat finds the trials of dead workers
+        study = open_study()
+        orphans = fail_stale(study)
+    else:
+        study, orphans = open_journal_study(storage_label, open_study)
     if study.direction.name.lower() != direction:
         raise ConfigError(
             f"--objective {settings.objective}: study {name} in {storage_label} "
             f"was created to {study.direction.name.lower()}; use another --storage"
         )
-    orphans = fail_orphans(study, alone)
     if orphans:
         progress.message(f"{name}: marked {orphans} trial(s) left RUNNING by a killed run as FAIL")
     path = result_path(settings.results_dir, point, backend.name)
