@@ -345,4 +345,6 @@ def _ratios(winner: dict[str, Any]) -> dict[str, float]:
 def _pct(cmp: dict[str, Any]) -> str:
     if cmp.get("pct") is None:
         return "-"
-    return f"{cmp['pct']:+.2f}% (±{cmp['band_pct']:.2f})"
+    if cmp.get("low_pct") is None or cmp.get("high_pct") is None:  # too few runs to bound it
+        return f"{cmp['pct']:+.2f}% [unbounded]"
+    return f"{cmp['pct']:+.2f}% [{cmp['low_pct']:+.2f}, {cmp['high_pct']:+.2f}]"

@@ -11,6 +11,8 @@ import logging
 import os
 import socket
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,14 @@ def study_name(point: OperatingPoint, backend: str) -> str:
 def rdb_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """An RDB storage with Optuna's heartbeat: a trial whose worker stopped beating for three
     intervals is failed by the next worker that looks, and queued again (up to twice)."""
-    retry = optuna.storages.RetryFailedTrialCallback(max_retry=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry_class = getattr(  # renamed in Optuna 4.9; the old name is a deprecated alias
+            optuna.storages,
+            "RetryHeartbeatStaleTrialCallback",
+            optuna.storages.RetryFailedTrialCallback,
+        )
+        retry = retry_class(max_retry=2)
     params = inspect.signature(optuna.storages.RDBStorage).parameters
     callback = (  # Optuna >= 4.9 renamed the argument
         "heartbeat_stale_trial_callback"
@@ -45,9 +54,18 @@ def rdb_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
         else "failed_trial_callback"
     )
     kwargs: dict[str, Any] = {callback: retry}
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s, **kwargs
-    )
+    for attempt in range(5):
+        try:
+            with warnings.catch_warnings():  # the heartbeat is "experimental" since Optuna 2.9
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s, **kwargs
+                )
+        except Exception as exc:  # workers starting at once on a new database race on its tables
+            if "already exists" not in str(exc) or attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def storage_for(settings: SearchSettings, name: str) -> tuple[optuna.storages.BaseStorage, str]:
@@ -224,7 +242,9 @@ def fail_stale(study: optuna.Study) -> int:
     if heartbeat_interval(study) is None:
         return 0
     before = spent(study)
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     return before - spent(study)
 
 
