@@ -12,8 +12,11 @@ noiseless shortfall of the config it reports, in percent of that optimum. Method
   grid          `search_point` with the 6-level grid sampler, same race
 
 Per point and budget: regret median / p90 / worst over the seeds, how often off was reported,
-the median runs paid (trials + selection), and the measured noise (pooled relative sd of the
-off/default race runs, median over seeds). A second table repeats `ours` at 12 trials with
+the median runs paid (trials + selection), the measured noise (pooled relative sd of the
+off/default race runs) and `resolv%`, the half-width of the race's 95% interval on a gain over
+off at the rounds it used (the smallest gain those repeats can tell from zero), and `visit%`, the
+regret of the best config any trial visited (noiseless: the best any selection could report),
+medians over seeds. A second table repeats `ours` at 12 trials with
 `--repeats` raised. Ratios and figures only; the reader judges.
 
     nice python benchmarks/search_quality.py [--seeds 20] [--budgets 6 8 12 20] [--jobs 2]
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import statistics
 import sys
 import tempfile
@@ -30,6 +34,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.distributions import FloatDistribution
@@ -92,6 +97,22 @@ class Run:
     off: bool
     paid: int
     noise_pct: float | None
+    resolvable_pct: float | None = None  # the race's 95% half-width on a gain over off
+    visited_pct: float | None = None  # regret of the best config any trial visited
+
+
+class VisitingSim(SimBackend):
+    """The noisy sim, noting the best noiseless value among the configs trials visited: the
+    best any selection rule could report."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.best_visited = 0.0
+
+    def evaluate(self, config: PrefetchConfig, point: OperatingPoint, repeat: int = 0) -> Any:
+        if repeat == 0:
+            self.best_visited = max(self.best_visited, noiseless(config, point))
+        return super().evaluate(config, point, repeat)
 
 
 def _in_memory(settings: SearchSettings, name: str) -> tuple[optuna.storages.BaseStorage, str]:
@@ -105,7 +126,7 @@ def one_run(
     tuner.storage_for = _in_memory  # type: ignore[assignment]
     point = make_point(point_name)
     space = build_space(point)
-    backend = SimBackend(noise_pct=noise, seed=seed)
+    backend = VisitingSim(noise_pct=noise, seed=seed)
     if method == "stock-tpe":
         study = optuna.create_study(
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)
@@ -126,6 +147,8 @@ def one_run(
             space.key(config) == "off",
             budget,
             None,
+            None,
+            (opt - backend.best_visited) / opt * 100,
         )
     with tempfile.TemporaryDirectory() as tmp:
         settings = SearchSettings(
@@ -150,7 +173,19 @@ def one_run(
         bool(doc["winner"]["is_off"]),
         int(doc["cost"]["total"]["backend_runs"]),
         doc["selection"]["noise"]["pct"],
+        _resolvable(doc["selection"]["noise"]["pct"], int(doc["selection"]["rounds"])),
+        (opt - backend.best_visited) / opt * 100,
     )
+
+
+def _resolvable(noise_pct: float | None, rounds: int) -> float | None:
+    """Half-width of the race's 95% paired interval on a gain over off: the smallest gain the
+    repeats used can tell from zero (paired difference of two runs: sqrt(2) x the noise)."""
+    if noise_pct is None or rounds < 2:
+        return None
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, rounds - 1) * math.sqrt(2) * noise_pct / math.sqrt(rounds))
 
 
 def _regret(config: PrefetchConfig, point: OperatingPoint, opt: float) -> float:
@@ -165,15 +200,22 @@ def pct(values: list[float], q: float) -> float:
 def row(label: str, runs: list[Run]) -> str:
     regrets = [r.regret_pct for r in runs]
     noise = [r.noise_pct for r in runs if r.noise_pct is not None]
+    resolv = [r.resolvable_pct for r in runs if r.resolvable_pct is not None]
+    visited = [r.visited_pct for r in runs if r.visited_pct is not None]
     return (
         f"{label:<22} {statistics.median(regrets):>7.3f} {pct(regrets, 0.9):>7.3f} "
         f"{max(regrets):>7.3f} {sum(r.off for r in runs):>4d}/{len(runs):<3d} "
         f"{statistics.median(r.paid for r in runs):>6.0f} "
         + (f"{statistics.median(noise):>7.2f}" if noise else f"{'-':>7}")
+        + (f" {statistics.median(resolv):>7.2f}" if resolv else f" {'-':>7}")
+        + (f" {statistics.median(visited):>7.3f}" if visited else f" {'-':>7}")
     )
 
 
-HEAD = f"{'method':<22} {'med%':>7} {'p90%':>7} {'worst%':>7} {'off':>8} {'paid':>6} {'noise%':>7}"
+HEAD = (
+    f"{'method':<22} {'med%':>7} {'p90%':>7} {'worst%':>7} {'off':>8} {'paid':>6} {'noise%':>7} "
+    f"{'resolv%':>7} {'visit%':>7}"
+)
 
 
 def main() -> int:
@@ -239,7 +281,7 @@ def main() -> int:
         print(HEAD)
         print(
             f"{'keep-default':<22} {default_regret:>7.3f} {default_regret:>7.3f} "
-            f"{default_regret:>7.3f} {0:>4d}/{args.seeds:<3d} {0:>6d} {'-':>7}"
+            f"{default_regret:>7.3f} {0:>4d}/{args.seeds:<3d} {0:>6d} {'-':>7} {'-':>7} {'-':>7}"
         )
         for budget in args.budgets:
             for method in ("stock-tpe", *SEARCHED):
