@@ -595,14 +595,10 @@ def test_a_lone_search_never_fails_a_trial_of_a_search_joining_meanwhile(
                 kill_group(proc)
 
 
-@pytest.mark.slow
-def test_two_workers_on_rdb_one_killed_mid_trial_end_with_the_full_budget(
-    tmp_path: Path, sub_env: dict[str, str]
-) -> None:
-    """sqlite RDB and Optuna's heartbeat: the killed worker's trial goes stale, is failed and
-    queued again, and the survivor waits for it, so the budget ends in COMPLETE trials."""
+def _one_rdb_worker_killed_mid_trial(tmp_path: Path, sub_env: dict[str, str], url: str) -> None:
+    """Optuna's heartbeat: the killed worker's trial goes stale, is failed and queued again,
+    and the survivor waits for it, so the budget ends in COMPLETE trials."""
     results = tmp_path / "R"
-    url = f"sqlite:///{tmp_path / 'studies.db'}"
     budget = 12
     args = cli(
         "search",
@@ -670,6 +666,28 @@ def test_two_workers_on_rdb_one_killed_mid_trial_end_with_the_full_budget(
     assert TrialState.RUNNING not in states
     doc = load(next(results.glob("*.json")))
     assert doc["study"]["storage"] == url
+
+
+@pytest.mark.slow
+def test_two_workers_on_sqlite_one_killed_mid_trial_end_with_the_full_budget(
+    tmp_path: Path, sub_env: dict[str, str]
+) -> None:
+    _one_rdb_worker_killed_mid_trial(tmp_path, sub_env, f"sqlite:///{tmp_path / 'studies.db'}")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_workers_on_postgres_one_killed_mid_trial_end_with_the_full_budget(
+    tmp_path: Path, sub_env: dict[str, str], postgres_url: str
+) -> None:
+    name = study_name(point(72), "slowsim")
+    storage = optuna.storages.RDBStorage(postgres_url)
+    if name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        optuna.delete_study(study_name=name, storage=storage)  # left by an earlier run
+    try:
+        _one_rdb_worker_killed_mid_trial(tmp_path, sub_env, postgres_url)
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)
 
 
 @pytest.fixture
