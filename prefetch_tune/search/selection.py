@@ -259,7 +259,7 @@ def race(
         for c in alive:
             judge(c, point, settings, rounds=rnd)
         alive = [c for c in alive if not c.rejected]
-        if _eliminate(alive, off, settings, rnd):
+        if _eliminate(alive, off, cands[1], settings, rnd):
             break
     progress.message(
         f"selection: {cost.rounds} round(s), {cost.backend_runs} runs; "
@@ -268,8 +268,15 @@ def race(
     return cost
 
 
-def _eliminate(alive: list[Candidate], off: Candidate, settings: SearchSettings, rnd: int) -> bool:
-    """Drop who is separated below the leader; True when the race is decided."""
+def _eliminate(
+    alive: list[Candidate],
+    off: Candidate,
+    default: Candidate,
+    settings: SearchSettings,
+    rnd: int,
+) -> bool:
+    """Drop who is separated below the leader, or below a default that beats off (it could no
+    longer win, see `choose_winner`); True when the race is decided."""
     challengers = [c for c in alive if c is not off]
     if not challengers:
         return True
@@ -287,8 +294,16 @@ def _eliminate(alive: list[Candidate], off: Candidate, settings: SearchSettings,
                 c.dropped = f"round {rnd}: interval below off"
                 alive.remove(c)
         return True
+    if default in alive and iv[id(default)].significant:
+        for c in [c for c in alive if c not in (off, default)]:
+            if interval(c, default, settings.minimize).high < 0:
+                c.dropped = f"round {rnd}: interval of gain over default below zero"
+                alive.remove(c)
     rest = [c for c in alive if c is not off]
-    return len(rest) == 1 and (lead.low > 0 or lead.high < 0)
+    if len(rest) != 1:
+        return not rest
+    last = iv[id(rest[0])]
+    return last.low > 0 or last.high < 0
 
 
 def choose_winner(
