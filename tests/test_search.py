@@ -166,7 +166,7 @@ def test_acceptance_winners_near_brute_force_optimum(two_points: Path) -> None:
         if doc["winner"]["is_off"]:  # allowed, but then off itself is within 1%
             assert throughput(PrefetchConfig.off(), p) >= 0.99 * optimum
         winners[n] = doc["winner"]
-    # DESIGN.md 4, property 1: the best prefetch grows with concurrency.
+    # docs/design.md section 3, property 1: the best prefetch grows with concurrency.
     assert winners[8]["total_effective_mib"] < winners[72]["total_effective_mib"]
 
 

@@ -20,7 +20,7 @@ from prefetch_tune.prefetch import (
     parse_config_json,
     parse_set_options,
 )
-from prefetch_tune.runtime.plan import PlanOptions
+from prefetch_tune.runtime.plan import NATIVE_CAP_BYTES, PlanOptions
 
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out_console = Console()
@@ -86,7 +86,9 @@ SeqParOpt = Annotated[
 CapOpt = Annotated[
     float,
     typer.Option(
-        "--cap-mib", help="The plugin's per-prefetch cap in MiB (native: fixed 18 on MLP paths)."
+        "--cap-mib",
+        help=f"The plugin's per-prefetch cap in MiB (native: fixed {NATIVE_CAP_BYTES / MiB:g} "
+        "on MLP paths).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]

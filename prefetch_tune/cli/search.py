@@ -26,6 +26,7 @@ from prefetch_tune.cli.common import (
 )
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.results import check_writable
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB
 from prefetch_tune.search.settings import SAMPLERS, SearchSettings, Slo
 from prefetch_tune.search.settings import Progress as SearchProgress
 from prefetch_tune.search.space import build_space
@@ -93,7 +94,7 @@ def search(
     ] = False,
     cap_mib: Annotated[
         float, typer.Option("--cap-mib", help="The plugin's per-prefetch cap in MiB.")
-    ] = 18.0,
+    ] = DEFAULT_CAP_MIB,
     trials: Annotated[int, typer.Option("--trials", help="Trial budget per max-num-seqs.")] = 30,
     timeout: Annotated[
         float | None,
@@ -164,7 +165,11 @@ def search(
         str | None, typer.Option("--python", help="vllm backend: the serving environment's Python.")
     ] = None,
 ) -> None:
-    """Search the prefetch ratios per max-num-seqs and write the best ratio JSON for each."""
+    """Search the prefetch ratios per max-num-seqs and write the best ratio JSON for each.
+
+    \f
+    Over 80 lines only because of its typer option declarations; the work is in `search/`.
+    """
     flags = dict(ctx.params)
     vllm_table: dict[str, Any] = {}
     if config is not None:
@@ -227,9 +232,9 @@ def search(
         _dry_run(be, points)
         return
     check_writable(settings.results_dir)
-    check_runtime = getattr(be, "check_runtime", None)
-    if check_runtime is not None:  # refuse a version/semantics mismatch before any study exists
-        check_runtime(points[0])
+    check_semantics = getattr(be, "check_semantics", None)
+    if check_semantics is not None:  # refuse a version/semantics mismatch before any study exists
+        check_semantics(points[0])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     outcomes = _run(points, be, settings)
     _report(outcomes, be.measured, settings)

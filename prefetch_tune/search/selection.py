@@ -78,6 +78,7 @@ def remeasure(
                 break
             cand.runs.append(metrics)
             cand.values.append(settings.objective_value(metrics))
+            cand.rounds.append(r)
         progress.message(f"re-measured {cand.label}: median {cand.median:,.2f}")
 
 

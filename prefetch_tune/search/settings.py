@@ -13,7 +13,7 @@ from prefetch_tune.errors import ConfigError
 
 SAMPLERS = ("tpe", "gp", "random", "grid")
 
-# Numeric metrics of `vllm bench serve`'s saved JSON (DESIGN.md 3.2); latencies with any
+# Numeric metrics of `vllm bench serve`'s saved JSON (docs/design.md section 2); latencies with any
 # --metric-percentiles. Checked before a study is touched, so a typo is exit 2, not a bad trial.
 BENCH_METRICS = (
     frozenset(

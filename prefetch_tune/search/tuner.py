@@ -484,7 +484,7 @@ def build_result(
     winner: Candidate,
     notes: list[str],
 ) -> dict[str, Any]:
-    """The result document of DESIGN.md 3.1."""
+    """The result document (docs/design.md section 1)."""
     off = next(c for c in cands if c.label == "off")
     default = next(c for c in cands if c.label == "default")
     emission = emit(winner.config, point.semantics)
