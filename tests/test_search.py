@@ -631,7 +631,7 @@ def _one_rdb_worker_killed_mid_trial(tmp_path: Path, sub_env: dict[str, str], ur
     }
     # Worker 1 hangs inside its 3rd trial and is SIGKILLed there; worker 2 runs on.
     killed = subprocess.Popen(
-        args,
+        [*args, "--seed", "1"],  # its own proposals, so it is not served duplicates only
         env=env | {"PT_TEST_HANG_FILE": str(hang), "PT_TEST_HANG_AFTER": "2"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -646,9 +646,9 @@ def _one_rdb_worker_killed_mid_trial(tmp_path: Path, sub_env: dict[str, str], ur
         start_new_session=True,
     )
     try:
-        wait_for(lambda: Path(f"{hang}.hanging").exists(), 60, "the hang", killed)
+        wait_for(lambda: Path(f"{hang}.hanging").exists(), 120, "the hang", killed)
         kill_group(killed)
-        _, err = survivor.communicate(timeout=120)
+        _, err = survivor.communicate(timeout=180)
         assert survivor.returncode == 0, err
     finally:
         for proc in (killed, survivor):

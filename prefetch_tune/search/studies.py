@@ -36,6 +36,10 @@ def study_name(point: OperatingPoint, backend: str) -> str:
     return f"{point_slug(point, backend)}-mns{point.max_num_seqs}"
 
 
+# What SQLite and PostgreSQL say when two workers create a new database's schema at once.
+_SCHEMA_RACE = ("already exists", "UNIQUE constraint failed", "duplicate key", "database is locked")
+
+
 def rdb_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
     """An RDB storage with Optuna's heartbeat: a trial whose worker stopped beating for three
     intervals is failed by the next worker that looks, and queued again (up to twice)."""
@@ -62,7 +66,7 @@ def rdb_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
                     url, heartbeat_interval=heartbeat_s, grace_period=3 * heartbeat_s, **kwargs
                 )
         except Exception as exc:  # workers starting at once on a new database race on its tables
-            if "already exists" not in str(exc) or attempt == 4:
+            if not any(m in str(exc) for m in _SCHEMA_RACE) or attempt == 4:
                 raise
             time.sleep(0.2 * (attempt + 1))
     raise AssertionError("unreachable")
