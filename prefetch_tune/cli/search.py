@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
+from prefetch_tune.capacity import check_capacity
 from prefetch_tune.cli.common import (
     choice,
     err_console,
@@ -200,6 +201,8 @@ def search(
         )
         for n in seqs
     ]
+    for point in points:  # a layout that cannot hold its KV cache is bad input, before any trial
+        check_capacity(point)
     be = get_backend(
         o["backend"],
         noise_pct=float(o["noise"]),
