@@ -46,9 +46,9 @@ from prefetch_tune.backends.base import (
     Workload,
     register_backend,
 )
+from prefetch_tune.capacity import check_capacity
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.hardware import HardwareProfile, load_hardware
-from prefetch_tune.capacity import check_capacity
 from prefetch_tune.models import Layout, MiB, ModelSpec
 from prefetch_tune.prefetch import PrefetchConfig
 from prefetch_tune.runtime import plan as P
@@ -548,4 +548,3 @@ class SimBackend:
 
 
 register_backend("sim", SimBackend)
-
