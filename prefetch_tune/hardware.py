@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.resources import configs_dir
@@ -61,7 +61,7 @@ class HardwareProfile:
 _NUMERIC = [f.name for f in fields(HardwareProfile) if f.name not in ("name", "source", "ranges")]
 
 
-def _number(value: Any) -> bool:
+def _number(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -90,9 +90,10 @@ def _field(doc: dict[str, Any], key: str, where: str) -> tuple[float, float, flo
         raise ConfigError(f"{where}: field {key} is missing")
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: field {key} must be a table with value, unit, kind, source")
-    value = entry.get("value")
-    if not _number(value) or value < 0:
-        raise ConfigError(f"{where}: field {key}.value must be a number >= 0 (got {value!r})")
+    raw = entry.get("value")
+    if not _number(raw) or raw < 0:
+        raise ConfigError(f"{where}: field {key}.value must be a number >= 0 (got {raw!r})")
+    value = float(raw)
     if entry.get("kind") not in KINDS:
         raise ConfigError(
             f"{where}: field {key}.kind must be one of {', '.join(KINDS)} "
@@ -106,7 +107,7 @@ def _field(doc: dict[str, Any], key: str, where: str) -> tuple[float, float, flo
             f"{where}: field {key}.value {value:g} is outside its allowed range "
             f"[{low:g}, {high:g}] ({entry['range_why'].strip()})"
         )
-    return float(value), low, high
+    return value, low, high
 
 
 def parse_profile(doc: dict[str, Any], where: str) -> HardwareProfile:
