@@ -1,4 +1,4 @@
-"""Calibration record of the sim's hardware fields against the five properties of DESIGN.md §4.
+"""Calibration record of the sim's hardware fields against the five properties of docs/design.md §3.
 
 Prints (SIMULATED numbers throughout):
 

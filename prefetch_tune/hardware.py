@@ -9,6 +9,7 @@ move estimated fields only inside their mechanisms; `[calibration]` records what
 
 from __future__ import annotations
 
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.numbers import non_negative
 from prefetch_tune.resources import configs_dir
 
 KINDS = ("published", "derived", "estimated", "fitted")
@@ -62,7 +64,7 @@ _NUMERIC = [f.name for f in fields(HardwareProfile) if f.name not in ("name", "s
 
 
 def _number(value: Any) -> TypeGuard[float]:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _range(entry: dict[str, Any], key: str, where: str) -> tuple[float, float]:
@@ -90,10 +92,7 @@ def _field(doc: dict[str, Any], key: str, where: str) -> tuple[float, float, flo
         raise ConfigError(f"{where}: field {key} is missing")
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: field {key} must be a table with value, unit, kind, source")
-    raw = entry.get("value")
-    if not _number(raw) or raw < 0:
-        raise ConfigError(f"{where}: field {key}.value must be a number >= 0 (got {raw!r})")
-    value = float(raw)
+    value = non_negative(entry.get("value"), f"{where}: field {key}.value")
     if entry.get("kind") not in KINDS:
         raise ConfigError(
             f"{where}: field {key}.kind must be one of {', '.join(KINDS)} "
