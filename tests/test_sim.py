@@ -804,3 +804,48 @@ def test_simulate_json_is_labelled_simulated() -> None:
     doc = json.loads(result.stdout)
     assert doc["simulated"] is True and doc["backend"] == "sim"
     assert doc["metrics"] == metrics(DEFAULT, DENSE.point(72))
+
+
+# ---------------------------------------------------------------- memory capacity
+
+
+NO_ROOM = ("-m", "qwen3-235b-a22b", "--tp", "4", "--ep", "--hardware", "atlas-a3")
+
+
+@pytest.mark.parametrize("command", ["simulate", "search"])
+def test_a_layout_that_cannot_hold_its_kv_cache_exits_2_naming_the_shortfall(
+    command: str, tmp_path: Path
+) -> None:
+    """TP4 DP1 EP keeps 55 GiB of 235B weights per die: no room for 144 x 5000 tokens of KV."""
+    extra = ("--results-dir", str(tmp_path)) if command == "search" else ()
+    line = assert_bad_input(
+        run(command, *NO_ROOM, "--max-num-seqs", "144", *extra),
+        "--max-num-seqs 144",
+        "cannot hold its KV cache",
+        "short by 29.8 GiB",
+    )
+    assert "55.1 GiB weights + 32.3 GiB KV cache" in line
+    assert not list(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_capacity_counts_weights_and_kv_cache_per_rank() -> None:
+    from prefetch_tune.capacity import GiB, memory_fit
+
+    point = MOE.point(144)
+    fit = memory_fit(point, MOE.hw)
+    m = MOE.model  # 94 layers; per rank 9 + 8 MiB attention, 8 experts x 18 MiB, router bf16
+    per_layer = (9 + 8 + 8 * 18) * MIB + m.hidden * m.experts * 2
+    vocab = 2 * m.vocab * m.hidden * 2 // 4  # embedding + lm_head, bf16, over tp4
+    assert fit.weights == per_layer * m.layers + vocab
+    assert fit.kv_per_token == m.layers * 2 * 1 * 128 * 2  # one KV head per rank at tp4
+    assert fit.kv_cache == fit.kv_per_token * 144 * 5000
+    assert fit.shortfall == 0 and fit.need / GiB == pytest.approx(47.7, abs=0.1)
+    assert memory_fit(MOE.point(192), MOE.hw).shortfall > 0  # why MOE.higher is 176
+
+
+@pytest.mark.parametrize("name", ["qwen3-32b", "qwen3-235b-a22b"])
+def test_tune_examples_hold_their_kv_cache(name: str) -> None:
+    from prefetch_tune.resources import configs_dir
+
+    result = run("search", "--config", str(configs_dir() / "tune" / f"{name}.toml"), "--dry-run")
+    assert result.exit_code == 0, result.stderr
