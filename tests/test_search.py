@@ -43,6 +43,10 @@ from prefetch_tune.search.studies import study_name
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 MODEL = ("--model", "qwen3-32b", "--tp", "4")
+# A landscape where prefetch pays beyond the 1% tie tolerance (a test profile, not Atlas physics:
+# inside the shipped profiles' ranges it gains < 1%, docs/model.md), for tests that need a
+# prefetching winner.
+GAINFUL = str(Path(__file__).parent / "profiles" / "gainful-a2.toml")
 PG_ENV = "PREFETCH_TUNE_TEST_POSTGRES"
 
 
@@ -167,8 +171,14 @@ def test_acceptance_winners_near_brute_force_optimum(two_points: Path) -> None:
         if doc["winner"]["is_off"]:  # allowed, but then off itself is within 1%
             assert throughput(PrefetchConfig.off(), p) >= 0.99 * optimum
         winners[n] = doc["winner"]
-    # docs/design.md section 3, property 1: the best prefetch grows with concurrency.
-    assert winners[8]["total_effective_mib"] < winners[72]["total_effective_mib"]
+    # docs/design.md section 3, property 1 through the search: where the optimum beats off by more than the
+    # 1% tie tolerance, the winner prefetches more at 72 than at 8. Inside the physical ranges
+    # of the shipped profile it gains < 1% at 72 (docs/model.md), and the rule keeps off.
+    gain = brute_force_optimum(point(72)) / throughput(PrefetchConfig.off(), point(72)) - 1
+    if gain > 0.01:
+        assert winners[8]["total_effective_mib"] < winners[72]["total_effective_mib"]
+    else:
+        assert winners[72]["is_off"] and winners[8]["is_off"], (gain, winners)
 
 
 def test_acceptance_result_file_content(two_points: Path) -> None:
@@ -855,12 +865,14 @@ def test_backend_failure_becomes_a_fail_trial(tmp_path: Path) -> None:
 
 
 def test_slo_is_respected_by_the_winner(tmp_path: Path) -> None:
-    p = point(72)
+    p = point(72, hardware=GAINFUL)
     off_p99 = evaluate_point(PrefetchConfig.off(), p)[0]["p99_tpot_ms"]
     bound = off_p99 * 0.985  # off fails it; the tuned configs (about 2.5% faster) meet it
     r = run(
         "search",
         *MODEL,
+        "--hardware",
+        GAINFUL,
         "--max-num-seqs",
         "72",
         "--trials",
@@ -871,7 +883,7 @@ def test_slo_is_respected_by_the_winner(tmp_path: Path) -> None:
         tmp_path,
     )
     assert_ok(r)
-    doc = load(rfile(tmp_path, 72))
+    doc = load(rfile(tmp_path, 72, hardware=GAINFUL))
     assert doc["constraints"] == [f"p99_tpot_ms<={float(f'{bound:.4f}'):g}"]
     assert not doc["winner"]["is_off"]
     assert doc["winner"]["metrics_median"]["p99_tpot_ms"] <= bound
@@ -884,6 +896,8 @@ def test_latency_objective_is_minimised(tmp_path: Path) -> None:
     r = run(
         "search",
         *MODEL,
+        "--hardware",
+        GAINFUL,
         "--max-num-seqs",
         "72",
         "--trials",
@@ -894,7 +908,7 @@ def test_latency_objective_is_minimised(tmp_path: Path) -> None:
         tmp_path,
     )
     assert_ok(r)
-    doc = load(rfile(tmp_path, 72))
+    doc = load(rfile(tmp_path, 72, hardware=GAINFUL))
     assert doc["objective"] == {"metric": "mean_tpot_ms", "direction": "minimize"}
     study = journal_study(tmp_path)
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
@@ -905,7 +919,16 @@ def test_latency_objective_is_minimised(tmp_path: Path) -> None:
     assert doc["improvement"]["vs_off"]["pct"] > 0  # positive means better, also for latencies
     # The same study cannot be resumed with the opposite direction.
     again = run(
-        "search", *MODEL, "--max-num-seqs", "72", "--trials", "15", "--results-dir", tmp_path
+        "search",
+        *MODEL,
+        "--hardware",
+        GAINFUL,
+        "--max-num-seqs",
+        "72",
+        "--trials",
+        "15",
+        "--results-dir",
+        tmp_path,
     )
     assert_bad_input(again, "--objective output_throughput", "minimize")
 

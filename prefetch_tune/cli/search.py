@@ -19,6 +19,7 @@ from rich.table import Table
 from prefetch_tune import numbers
 from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
 from prefetch_tune.backends.sim import NOISE_MAX_PCT
+from prefetch_tune.capacity import check_capacity
 from prefetch_tune.cli.common import (
     choice,
     err_console,
@@ -267,6 +268,8 @@ def search(
         )
         for n in seqs
     ]
+    for point in points:  # a layout that cannot hold its KV cache is bad input, before any trial
+        check_capacity(point)
     be = get_backend(
         o["backend"],
         noise_pct=float(o["noise"]),
