@@ -35,13 +35,14 @@ SEARCH_KEYS: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "noise": (int, float),
     "storage": (str,),
+    "heartbeat": (int,),
     "results_dir": (str,),
     "input_len": (int,),
     "output_len": (int,),
-    "tie_tolerance": (int, float),
     "screen": (bool,),
     "screen_every": (int,),
     "screen_waves": (int,),
+    "max_repeats": (int,),
 }
 
 
