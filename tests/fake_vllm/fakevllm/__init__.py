@@ -15,7 +15,8 @@ At most --max-num-seqs requests run at once; the rest queue (their TTFT grows).
 
 `vllm bench serve [flags]` drives the server with a streaming HTTP client (threads +
 http.client), --max-concurrency in flight, --num-warmups unmeasured first, and with
---save-result writes vLLM's result JSON (same keys). Exits 1 if no request completed.
+--save-result writes vLLM's result JSON (same keys). Like vLLM 0.32 it exits 0 even when
+every request failed (the JSON then says completed 0, failed N).
 
 `vllm --version` prints FAKE_VLLM_VERSION.
 
