@@ -167,7 +167,9 @@ class ProcessWatch:
                 continue
             self.pids.setdefault(pid, started)
             with contextlib.suppress(ProcessLookupError):
-                self.groups.add(os.getpgid(pid))
+                group = os.getpgid(pid)
+                if group != os.getpgrp():  # a probe run without a session of its own
+                    self.groups.add(group)
 
     def __enter__(self) -> ProcessWatch:
         def loop() -> None:

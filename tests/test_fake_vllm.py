@@ -210,6 +210,16 @@ def test_bench_with_every_request_failed_exits_0_and_saves_the_counts(tmp_path: 
     assert saved["mean_ttft_ms"] == 0.0 and saved["output_throughput"] == 0.0
 
 
+def test_max_model_len_above_the_model_is_refused_at_start(tmp_path: Path) -> None:
+    """As vLLM 0.32 does (tests/test_real_vllm.py, max-model-len case): exit 1, ValidationError."""
+    model = tmp_path / "tiny"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 512}))
+    result = vllm("serve", str(model), "--max-model-len", "4096", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert "User-specified max_model_len (4096) is greater than the derived" in result.stdout
+
+
 def test_unknown_bench_flag_exits_2() -> None:
     result = vllm("bench", "serve", "--num-prompts", "4", "--no-such-bench-flag")
     assert result.returncode == 2
