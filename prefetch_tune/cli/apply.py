@@ -16,7 +16,7 @@ from prefetch_tune.cli.common import (
     resolve_semantics,
 )
 from prefetch_tune.errors import ConfigError, PrefetchTuneError
-from prefetch_tune.models import QUANTS
+from prefetch_tune.models import QUANTS, load_model
 from prefetch_tune.prefetch import (
     PrefetchConfig,
     Semantics,
@@ -44,7 +44,12 @@ def apply(
         str | None,
         typer.Option("--model", "-m", help="Look the result up by model (with --max-num-seqs)."),
     ] = None,
-    quant: Annotated[str, typer.Option("--quant", help="w8a8 or bf16 (with --model).")] = "w8a8",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            "--quant", help="w8a8 or bf16 (with --model; default: a model directory's, else w8a8)."
+        ),
+    ] = None,
     tp: Annotated[int, typer.Option("--tp")] = 1,
     dp: Annotated[int, typer.Option("--dp")] = 1,
     ep: Annotated[bool, typer.Option("--ep")] = False,
@@ -84,8 +89,10 @@ def apply(
     elif model is not None:
         if max_num_seqs is None:
             raise ConfigError("--model needs --max-num-seqs (the concurrency the result is for)")
-        choice(quant, QUANTS, "--quant")
-        path, doc = _lookup(results_dir, model, quant, tp, dp, ep, max_num_seqs)
+        if quant is not None:
+            choice(quant, QUANTS, "--quant")
+        name, quant = _model_key(model, quant)
+        path, doc = _lookup(results_dir, name, quant, tp, dp, ep, max_num_seqs)
         config, sem = _from_doc(doc, sem, str(path))
     else:
         raise ConfigError(
@@ -111,6 +118,15 @@ def _from_doc(
     except (KeyError, TypeError):
         raise ConfigError(f"{where}: damaged result file (no winner config)") from None
     return config, sem or doc["semantics"]
+
+
+def _model_key(model: str, quant: str | None) -> tuple[str, str]:
+    """The name and quantization a result stores for --model: a model directory is named and
+    detected as `search` does (load_model), a catalog name is taken as given (w8a8 default)."""
+    if Path(model).expanduser().is_dir():
+        spec = load_model(model, quant)  # type: ignore[arg-type]
+        return spec.name, spec.quant
+    return model, quant or "w8a8"
 
 
 def _lookup(
