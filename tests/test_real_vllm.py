@@ -201,7 +201,8 @@ def test_server_killed_during_bench_is_a_crash_and_the_study_goes_on(
     assert first.user_attrs["failure_class"] == FailureClass.SERVER_CRASH.value
     failure = first.user_attrs["failure"]
     assert failure.startswith("server died during the benchmark (exit code -9)")
-    assert_log_tail_in(failure, Path(first.user_attrs["log"]))
+    (log,) = search_run.logs.glob("trial-000-*-serve.log")
+    assert_log_tail_in(failure, log)
     later = search_run.trials()[1:]
     assert later and all(t.state.name == "COMPLETE" for t in later)
 
@@ -270,7 +271,7 @@ def test_plugin_is_discovered_and_registers_in_engine_core_and_worker(
             FailureClass.SERVER_CRASH,
             "exit code 1",
         ),
-        ({"ready_timeout": 20}, FailureClass.STARTUP_TIMEOUT, "startup timeout after 2"),
+        ({"ready_timeout": 20}, FailureClass.STARTUP_TIMEOUT, "startup timeout after 20."),
     ],
     ids=["unknown-flag", "max-model-len", "startup-timeout"],
 )
@@ -444,6 +445,7 @@ def test_readiness_as_the_fake_models_it(plain_server: PlainServer) -> None:
     print(f"\n/health while starting: {sorted(set(seen))}", file=sys.stderr)
     assert (seen and "200" not in seen[:-1]) or True
     assert set(seen) - {"200"} <= {"refused", "no answer", "503"}
+    assert "refused" in seen  # vLLM 0.32 binds its port only once the engine is up
 
 
 def test_real_and_fake_bench_save_the_same_keys(
