@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-WORDS = (
+WORDS = (  # noqa: SIM905 (one readable line of words)
     "the a an of to in is was for on that with as by at from it this be are or have not "
     "prefetch ratio weight cache layer stream vector matmul attention token model server bench "
     "query key value gate up down norm quant scale batch sequence decode prefill kernel memory"
