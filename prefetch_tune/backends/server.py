@@ -330,11 +330,12 @@ class ServerProcess:
         )
 
     def _fail_timeout(self, start: float) -> None:
+        elapsed = time.monotonic() - start  # before stop(): its grace is not start-up time
         self.stop()
         oom = log_shows_oom(self.log_path)
         note = " (the log shows out of memory)" if oom else ""
         raise ServerStartupError(
-            f"startup timeout after {time.monotonic() - start:.1f} s{note}: no ready answer from "
+            f"startup timeout after {elapsed:.1f} s{note}: no ready answer from "
             f"{self.base_url}/health and /v1/models; log {self.log_path}, last lines:\n"
             f"{read_log_tail(self.log_path)}",
             failure_class=FailureClass.OUT_OF_MEMORY if oom else FailureClass.STARTUP_TIMEOUT,

@@ -239,6 +239,20 @@ def run_trials(
         progress.advance(label, min(spent(study), settings.trials), _best(study, settings))
 
 
+FAILURE_CHARS = 500
+
+
+def clip_failure(text: str, limit: int = FAILURE_CHARS) -> str:
+    """One line of at most `limit` characters keeping both ends: what failed comes first, and
+    the log tail at the end holds the reason (a real vLLM prints its argparse usage or a long
+    traceback before the line that matters)."""
+    flat = " ".join(text.split())
+    if len(flat) <= limit:
+        return flat
+    head = limit // 3
+    return f"{flat[:head]} ... {flat[-(limit - head - 5) :]}"
+
+
 def _run_trial(
     study: optuna.Study,
     trial: optuna.Trial,
@@ -284,7 +298,7 @@ def _evaluate_trial(
         metrics = backend.evaluate(config, point, repeat=0)
     except BackendError as exc:
         trial.set_user_attr("failure_class", exc.failure_class or "backend_error")
-        trial.set_user_attr("failure", " ".join(str(exc).split())[:500])
+        trial.set_user_attr("failure", clip_failure(str(exc)))
         _tell(study, trial, state=TrialState.FAIL)
         return
     except BaseException:

@@ -12,10 +12,13 @@ Token timing comes from `fakevllm.timing.serving_timing(...)` unless overridden;
 without both overrides the simulator is asked once at start-up, and if it refuses the model or
 config the server exits 1 with its traceback, as vLLM does when it cannot load a model.
 At most --max-num-seqs requests run at once; the rest queue (their TTFT grows).
+An explicit --max-model-len above a local model directory's max_position_embeddings exits 1
+with vLLM's ValidationError text, before listening (as vLLM 0.32 does).
 
 `vllm bench serve [flags]` drives the server with a streaming HTTP client (threads +
 http.client), --max-concurrency in flight, --num-warmups unmeasured first, and with
---save-result writes vLLM's result JSON (same keys). Exits 1 if no request completed.
+--save-result writes vLLM's result JSON (same keys). Like vLLM 0.32 it exits 0 even when
+every request failed (the JSON then says completed 0, failed N).
 
 `vllm --version` prints FAKE_VLLM_VERSION.
 

@@ -650,6 +650,28 @@ def _oom_at_start(model: str) -> int:
     return 1
 
 
+def _max_model_len_problem(args: argparse.Namespace, argv: list[str]) -> str | None:
+    """vLLM refuses an explicit --max-model-len above a local model's max_position_embeddings
+    (a pydantic ValidationError at start-up, exit 1) unless VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."""
+    given = any(a == "--max-model-len" or a.startswith("--max-model-len=") for a in argv)
+    config = Path(args.model) / "config.json"
+    if not given or not config.is_file() or os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN"):
+        return None
+    try:
+        derived = json.loads(config.read_text()).get("max_position_embeddings")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(derived, int) or args.max_model_len <= derived:
+        return None
+    return (
+        "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+        f"  Value error, User-specified max_model_len ({args.max_model_len}) is greater than the "
+        f"derived max_model_len (max_position_embeddings={float(derived)} or "
+        "model_max_length=None in model's config.json). To allow overriding this maximum, set "
+        "the env var VLLM_ALLOW_LONG_MAX_MODEL_LEN=1."
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -662,6 +684,10 @@ def main(argv: list[str]) -> int:
     version = os.environ.get("FAKE_VLLM_VERSION", DEFAULT_VERSION)
     log(f"vLLM API server version {version}")
     log(f"non-default args: { {k: v for k, v in vars(args).items() if v is not None} }")
+    too_long = _max_model_len_problem(args, argv)
+    if too_long:
+        print(too_long, flush=True)
+        return 1
     started = time.monotonic()
     delay = _env_float("FAKE_VLLM_STARTUP_DELAY", 0.0) or 0.0
     if os.environ.get("FAKE_VLLM_IGNORE_SIGTERM") == "1":
