@@ -25,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import Layout, spec_from_hf_config
 from prefetch_tune.prefetch import parse_weight_prefetch_config
 from prefetch_tune.runtime import hooks, plugin
@@ -983,3 +982,82 @@ def test_npu_device_ops_issue_side_stream_prefetch(monkeypatch: pytest.MonkeyPat
         ("exit", "side"),
         ("wait", "compute", "side"),
     ]
+
+
+_SERVING = """
+import http.server, sys
+from prefetch_tune.runtime import plugin
+plugin.register()  # as vLLM's plugin loader does, in every process
+server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_bogus_runtime_leaves_a_serving_process_running(tmp_path: Path) -> None:
+    import urllib.request
+
+    env = {**os.environ, plugin.ENV_RUNTIME: "bogus", plugin.ENV_MARKER_DIR: str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVING], env=env, stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
+            assert resp.status == 200
+        assert proc.poll() is None
+        marker = json.loads(next(tmp_path.glob("prefetch-tune-*.json")).read_text())
+        assert marker["state"] == "error" and marker["pid"] == proc.pid
+        assert "PREFETCH_TUNE_RUNTIME=bogus" in marker["reason"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.torch
+def test_raising_hook_disables_prefetch_and_serving_goes_on(
+    ascend: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(plugin.ENV_MARKER_DIR, str(tmp_path))
+    model = load(ascend, vllm_config(DENSE_HF))
+    calls = []
+
+    def broken(*args: Any) -> None:
+        calls.append(args)
+        raise RuntimeError("npu_prefetch exploded")
+
+    monkeypatch.setattr(ascend.recorder, "start", broken)
+    run(model, 8)  # the forward completes
+    assert len(calls) == 1  # the runtime switched itself off at the first failure
+    run(model, 8)
+    assert len(calls) == 1
+    assert plugin.status().state == "error"
+    marker = json.loads(next(tmp_path.glob("prefetch-tune-*.json")).read_text())
+    assert "npu_prefetch exploded" in marker["reason"] and marker["state"] == "error"
+
+
+@pytest.mark.torch
+def test_flashcomm2_w8a8_original_receives_what_it_would_without_the_plugin(
+    ascend: SimpleNamespace, torch_mod: Any
+) -> None:
+    """D1: v0.24.0rc1 w8a8_static.py `apply` quantizes and all-to-alls o_proj's input itself when
+    `layer._quant_comm_config["communication_fn"]` is set; the wrapper must pass x unchanged."""
+    model = load(ascend, vllm_config(DENSE_HF))
+    o_proj = model.model.layers[0].self_attn.o_proj
+    method = sys.modules["vllm_ascend.quantization.methods.w8a8_static"].AscendW8A8LinearMethod
+    seen: list[Any] = []
+
+    def original(self: Any, layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(x)
+        return x
+
+    wrapper = hooks._wrap_w8a8_apply(original)
+    x = torch_mod.randn(8, o_proj.weight.shape[1])
+    wrapper(method(), o_proj, x)  # control: the plugin quantizes before the original
+    assert seen[-1].dtype == torch_mod.int8
+    o_proj._quant_comm_config = {"communication_fn": lambda t: t}
+    ascend.recorder.clear()
+    wrapper(method(), o_proj, x)
+    assert seen[-1] is x  # exactly what the original gets without the plugin
+    assert ascend.recorder.events == []

@@ -24,6 +24,7 @@ build with `vllm_ascend.ops.weight_prefetch`), refuses versions before v0.15.0rc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -542,16 +543,12 @@ def disable(reason: str) -> None:
     from prefetch_tune.runtime import hooks
 
     _STATE.registered = True
-    try:
+    with contextlib.suppress(Exception):
         hooks.set_active(None)
-    except Exception:
-        pass
     _set_status("error", reason)
     logger.warning("prefetch-tune runtime: disabled, vLLM runs without prefetch: %s", reason)
-    try:
+    with contextlib.suppress(Exception):
         write_marker()
-    except Exception:
-        pass
 
 
 def _register() -> None:

@@ -105,7 +105,11 @@ def _find(tree: ast.Module, attr: str) -> ast.FunctionDef | ast.AsyncFunctionDef
             return f"class {owner} not found"
         body = cls.body
     func = next(
-        (n for n in body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == name),
+        (
+            n
+            for n in body
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef) and n.name == name
+        ),
         None,
     )
     if func is None:
@@ -194,7 +198,9 @@ def download(version: str, cache: Path | None = None) -> Path:
     urls = re.findall(r"https://\S+/" + re.escape(sdist), done.stdout + done.stderr)
     if not urls:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ConfigError(f"--version {version}: pip download found no vllm-ascend {version} ({last})")
+        raise ConfigError(
+            f"--version {version}: pip download found no vllm-ascend {version} ({last})"
+        )
     target = cache / sdist
     tmp = target.with_suffix(".part")
     try:
