@@ -139,7 +139,7 @@ LINES: tuple[Line, ...] = (
         notes=("flashcomm2 removed (#12117); experts still selected by a plain function",),
     ),
     Line(
-        "0.28",
+        "0.27",
         "0.27.1rc1",
         hooks=(W8A8_APPLY_MOVED, ROW_PARALLEL_FORWARD, SILU_AND_MUL, SILU_AND_MUL_CLAMP),
         dead={"moe.gate_up": _MOE_DEAD_UNJOINED},
