@@ -37,7 +37,9 @@ CHILD = """
 import json, resource, sys, time
 t0 = time.perf_counter()
 from pathlib import Path
-from prefetch_tune.analysis.profile import analyse, choose_plan, load_profile
+from prefetch_tune.analysis.exports import load_profile
+from prefetch_tune.analysis.pairing import choose_plan
+from prefetch_tune.analysis.profile import analyse
 if {tracemalloc}:
     import tracemalloc
     tracemalloc.start()

@@ -26,7 +26,7 @@ from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.backends.server import FailureClass
 from prefetch_tune.backends.vllm import (
     VllmBackend,
-    check_runtime,
+    detect_serving_runtime,
     parse_vllm_table,
     semantics_for,
 )
@@ -206,8 +206,8 @@ def test_runtime_check_falls_back_to_vllm_version_and_refuses_a_semantics_mismat
         results_dir=tmp_path,
     )
     with pytest.raises(ConfigError, match="needs --semantics plugin"):
-        backend.check_runtime(point("native-0.23"))
-    info = backend.check_runtime(point("plugin"))
+        backend.check_semantics(point("native-0.23"))
+    info = backend.check_semantics(point("plugin"))
     assert info.semantics == "plugin" and info.vllm == "0.24.0"
     assert "vllm --version" in info.source and any("vllm-ascend not found" in n for n in info.notes)
     assert backend.provenance()["vllm_version"] == "0.24.0"
@@ -232,7 +232,7 @@ def test_plugin_semantics_need_prefetch_tune_in_the_serving_env(tmp_path: Path) 
     )
     fake_python.chmod(0o755)
     with pytest.raises(ConfigError, match=r"-m pip install prefetch-tune"):
-        check_runtime(str(fake_python), "vllm", {})
+        detect_serving_runtime(str(fake_python), "vllm", {})
 
 
 @pytest.mark.slow
@@ -432,11 +432,13 @@ def test_search_with_the_vllm_backend_end_to_end(tmp_path: Path, token: str) -> 
             "6",
             "--repeats",
             "2",
+            "--max-repeats",
+            "3",
             "--results-dir",
             str(results),
         ]
     )
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     path = Path(out.strip().splitlines()[-1])
     doc = json.loads(path.read_text())
@@ -446,9 +448,13 @@ def test_search_with_the_vllm_backend_end_to_end(tmp_path: Path, token: str) -> 
     assert doc["study"]["trials"] == 6 and doc["study"]["failures"] == 0
     logs = results / "logs" / "qwen3-32b-w8a8-tp4-dp1-atlas-a2-vllm-native-0.23-mns4"
     runs = {p: json.loads(p.read_text()) for p in logs.glob("trial-*-bench.json")}
-    assert len(list(logs.glob("trial-*-serve.log"))) >= 6
-    assert len(list(logs.glob("trial-*-bench.log"))) == len(runs) >= 6 + 2 * 2
-    assert list(logs.glob("*-r2-bench.json")) and not list(logs.glob("*-r2-serve.log"))
+    cost = doc["cost"]
+    assert len(list(logs.glob("trial-*-bench.log"))) == len(runs) == cost["total"]["backend_runs"]
+    assert cost["selection"]["backend_runs"] >= 2 * 2  # off and default, two rounds at least
+    # The race interleaves configs, so each of its runs starts that config's server.
+    assert cost["selection"]["server_starts"] == cost["selection"]["backend_runs"]
+    assert len(list(logs.glob("trial-*-serve.log"))) == cost["total"]["server_starts"]
+    assert list(logs.glob("*-r2-serve.log"))
     # The numbers are the parsed benchmark results, not anything made up on the way.
     values = [r["output_throughput"] for r in runs.values()]
     trials = pd.read_csv(results / "trials" / f"{path.stem}.csv")

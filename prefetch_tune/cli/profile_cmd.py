@@ -10,16 +10,11 @@ from typing import Annotated, cast
 import typer
 from rich.table import Table
 
-from prefetch_tune.analysis.profile import (
-    Calibration,
-    ProfileReport,
-    Rules,
-    analyse,
-    calibrate,
-    choose_plan,
-    load_profile,
-    write_profile,
-)
+from prefetch_tune.analysis.calibration import Calibration, calibrate, write_profile
+from prefetch_tune.analysis.exports import load_profile
+from prefetch_tune.analysis.pairing import choose_plan
+from prefetch_tune.analysis.profile import ProfileReport, analyse
+from prefetch_tune.analysis.verdicts import Rules
 from prefetch_tune.cli.common import (
     CapOpt,
     ConfigJsonOpt,
@@ -39,6 +34,8 @@ from prefetch_tune.cli.common import (
 from prefetch_tune.cli.simulate import HardwareOpt
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import QUANTS, MiB, Quant
+from prefetch_tune.numbers import non_negative
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB
 
 VERDICT_STYLE = {"raise": "green", "keep": "cyan", "lower": "yellow", "off": "red"}
 
@@ -83,7 +80,7 @@ def profile(
         ),
     ] = None,
     sequence_parallel: SeqParOpt = False,
-    cap_mib: CapOpt = 18.0,
+    cap_mib: CapOpt = DEFAULT_CAP_MIB,
     hardware: HardwareOpt = "atlas-a2",
     calibrate_out: Annotated[
         Path | None,
@@ -100,7 +97,11 @@ def profile(
     as_json: JsonOpt = False,
 ) -> None:
     """Read a torch_npu profile: per knob, how the prefetch (CMO) overlaps the vector op it
-    hides behind, how late it ends, the stall at its join, its bandwidth, and a verdict."""
+    hides behind, how late it ends, the stall at its join, its bandwidth, and a verdict.
+
+    \f
+    Over 80 lines only because of its typer option declarations; the work is in `analysis/`.
+    """
     if quant is not None:
         choice(quant, QUANTS, "--quant")
     for value, flag in ((tp, "--tp"), (dp, "--dp"), (max_num_seqs, "--max-num-seqs")):
@@ -108,8 +109,7 @@ def profile(
             positive(value, flag)
     if tokens is not None:
         positive(tokens, "--tokens")
-    if late_tol_us < 0:
-        raise ConfigError(f"--late-tol-us {late_tol_us}: must be >= 0")
+    non_negative(late_tol_us, "--late-tol-us")
     if calibrate_out is not None and not calibrate_out.parent.is_dir():
         raise ConfigError(
             f"--calibrate {calibrate_out}: directory {calibrate_out.parent} is missing"
@@ -126,7 +126,7 @@ def profile(
         config=resolve_config(sets, config_json) if sets or config_json else None,
         semantics=resolve_semantics(semantics) if semantics is not None else None,
         options=resolve_options(sequence_parallel, cap_mib)
-        if sequence_parallel or cap_mib != 18.0
+        if sequence_parallel or cap_mib != DEFAULT_CAP_MIB
         else None,
     )
     if choice_ is None and data.prefetch_tasks:

@@ -37,7 +37,7 @@ def show(
     ):
         table.add_column(col)
     rows = 0
-    for path, doc in iter_results(results_dir):
+    for path, doc in iter_results(results_dir, include_aside=True):
         rows += 1
         if isinstance(doc, ConfigError):
             table.add_row("[red]unreadable[/]", "", "", "", "", "", "", str(doc), "", path.name)

@@ -10,15 +10,10 @@ import typer
 from rich.table import Table
 
 from prefetch_tune.cli.common import err_console, fail_on_errors
-from prefetch_tune.regress.sweep import (
-    SweepOptions,
-    SweepReport,
-    check_output_path,
-    ensure_backend,
-    load_plan,
-    run_sweep,
-    write_outputs,
-)
+from prefetch_tune.regress.outcomes import SweepReport
+from prefetch_tune.regress.outputs import check_output_path, write_outputs
+from prefetch_tune.regress.sweep import SweepOptions, ensure_backend, run_sweep
+from prefetch_tune.regress.sweep_plan import load_plan
 from prefetch_tune.search.settings import Progress
 
 

@@ -49,8 +49,8 @@ from prefetch_tune.runtime.versions import (
     ENTRY_POINT_NAME,
     ENTRY_POINT_VALUE,
     NATIVE_MODULE,
-    Verdict,
-    classify,
+    RuntimeVerdict,
+    classify_runtime,
     dist_version,
     parse_version,
     probe,
@@ -79,7 +79,7 @@ class AscendInfo:
     importable: bool
     version: str | None
     native_module: bool
-    verdict: Verdict
+    verdict: RuntimeVerdict
     reason: str
 
 
@@ -89,7 +89,7 @@ def detect_ascend() -> AscendInfo:
     importable = bool(facts["vllm_ascend_importable"])
     version = facts["versions"]["vllm-ascend"] if importable else None
     native = importable and bool(facts["native_module"])
-    verdict, reason = classify(version, native, importable)
+    verdict, reason = classify_runtime(version, native, importable)
     return AscendInfo(importable, version, native, verdict, reason)
 
 
@@ -620,10 +620,10 @@ __all__ = [  # the version rule and the entry point's identity are re-exported f
     "WORKER_MODULE",
     "AscendInfo",
     "PluginStatus",
-    "Verdict",
+    "RuntimeVerdict",
     "activate",
     "announce",
-    "classify",
+    "classify_runtime",
     "detect_ascend",
     "dist_version",
     "installed_report",

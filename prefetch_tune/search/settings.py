@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from prefetch_tune import numbers
 from prefetch_tune.backends.base import COUNT_METRICS, LOWER_IS_BETTER, Metrics
 from prefetch_tune.errors import ConfigError
 
 SAMPLERS = ("tpe", "gp", "random", "grid")
+SEED_MAX = 2**32 - 1  # numpy's seed range, which Optuna's samplers pass the seed to
 
-# Numeric metrics of `vllm bench serve`'s saved JSON (DESIGN.md 3.2); latencies with any
+# Numeric metrics of `vllm bench serve`'s saved JSON (docs/design.md section 2); latencies with any
 # --metric-percentiles. Checked before a study is touched, so a typo is exit 2, not a bad trial.
 BENCH_METRICS = (
     frozenset(
@@ -51,16 +53,17 @@ class Slo:
     bound: float
 
     @classmethod
-    def parse(cls, text: str) -> Slo:
+    def parse(cls, text: str, flag: str = "--slo") -> Slo:
         m = re.fullmatch(r"\s*([A-Za-z0-9_.]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*", text)
         if not m:
             raise ConfigError(
-                f"--slo {text}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. p99_tpot_ms<=50"
+                f"{flag} {text}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. p99_tpot_ms<=50"
             )
         try:
             bound = float(m.group(3))
         except ValueError:
-            raise ConfigError(f"--slo {text}: {m.group(3)!r} is not a number") from None
+            raise ConfigError(f"{flag} {text}: {m.group(3)!r} is not a number") from None
+        numbers.number(bound, f"{flag} {text}: bound")
         op: Literal["<=", ">="] = "<=" if m.group(2) == "<=" else ">="
         return cls(m.group(1), op, bound)
 
@@ -82,27 +85,31 @@ class SearchSettings:
     results_dir: Path
     trials: int = 30
     timeout: float | None = None
-    repeats: int = 3
+    repeats: int = 3  # race rounds before the first elimination
+    max_repeats: int | None = None  # race rounds at most; None: max(12, 4 x repeats)
     objective: str = "output_throughput"
     slos: tuple[Slo, ...] = ()
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
+    heartbeat_s: int = 60  # RDB storages: Optuna heartbeat interval (stale after 3 x)
     finalists: int = 3
-    tie_tolerance: float = 0.01
     max_rel_mad: float = 0.10
+    replace: bool = False  # a stored result gives way even to a less trustworthy one
 
     def check(self) -> None:
-        if self.trials <= 0:
-            raise ConfigError(f"--trials {self.trials}: must be > 0")
-        if self.repeats <= 0:
-            raise ConfigError(f"--repeats {self.repeats}: must be > 0")
+        numbers.positive(self.trials, "--trials", integer=True)
+        numbers.positive(self.repeats, "--repeats", integer=True)
+        numbers.number(self.seed, "--seed", low=0, high=SEED_MAX, integer=True)
+        if self.max_repeats is not None and self.max_repeats < self.repeats:
+            raise ConfigError(
+                f"--max-repeats {self.max_repeats}: must be >= --repeats {self.repeats}"
+            )
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"--timeout {self.timeout}: must be > 0")
-        if not 0 <= self.tie_tolerance < 1:
-            raise ConfigError(f"--tie-tolerance {self.tie_tolerance}: must be in [0, 1)")
+        numbers.positive(self.heartbeat_s, "--heartbeat", integer=True)
+        if self.timeout is not None:
+            numbers.positive(self.timeout, "--timeout")
         check_metric(self.objective, "--objective")
         for slo in self.slos:
             check_metric(slo.metric, f"--slo {slo}:")
@@ -115,6 +122,11 @@ class SearchSettings:
                 f"(known: {', '.join(sorted(k for k in metrics if not k.startswith('sim_')))})"
             )
         return float(metrics[self.objective])
+
+    @property
+    def round_cap(self) -> int:
+        """The selection race's most rounds."""
+        return self.max_repeats if self.max_repeats is not None else max(12, 4 * self.repeats)
 
     @property
     def minimize(self) -> bool:
