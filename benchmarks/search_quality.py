@@ -39,7 +39,7 @@ from typing import Any
 import optuna
 from optuna.distributions import FloatDistribution
 
-from prefetch_tune.backends.base import OperatingPoint
+from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.backends.sim import SimBackend, evaluate_point
 from prefetch_tune.models import Layout, load_model
 from prefetch_tune.prefetch import PrefetchConfig, parse_weight_prefetch_config
@@ -52,9 +52,12 @@ OBJECTIVE = "output_throughput"
 POINTS = {
     "32b-tp4@8": ("qwen3-32b", 4, 1, False, "atlas-a2", 8),
     "32b-tp4@72": ("qwen3-32b", 4, 1, False, "atlas-a2", 72),
+    # 256 sequences of the default 3500+1500 tokens need 78 GiB of KV cache per TP4 rank, more
+    # than its HBM holds (prefetch_tune.capacity): this point serves 1024+512-token requests.
     "32b-tp4@256": ("qwen3-32b", 4, 1, False, "atlas-a2", 256),
     "235b-tp4dp4ep@144": ("qwen3-235b-a22b", 4, 4, True, "atlas-a3", 144),
 }
+WORKLOADS = {"32b-tp4@256": Workload(input_len=1024, output_len=512)}
 SEARCHED = ("ours", "random", "grid")
 SAMPLER = {"ours": "tpe", "random": "random", "grid": "grid"}
 
@@ -66,6 +69,7 @@ def make_point(name: str) -> OperatingPoint:
         layout=Layout(tp=tp, dp=dp, ep=ep),
         max_num_seqs=mns,
         hardware=hw,
+        workload=WORKLOADS.get(name, Workload()),
     )
 
 

@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,6 @@ from typing import Any
 
 import pytest
 
-from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import Layout, spec_from_hf_config
 from prefetch_tune.prefetch import parse_weight_prefetch_config
 from prefetch_tune.runtime import hooks, plugin
@@ -64,6 +64,7 @@ PACKAGES = (
 )
 
 # Fake vLLM-Ascend leaf modules: same names and signatures as HEAD, trivial bodies.
+FAKE_VERSION = "0.25.1rc1"  # the released line the fakes mirror
 FAKE_SOURCES: dict[str, str] = {
     "vllm_ascend.quantization.methods.w8a8_static": """
         import torch
@@ -275,6 +276,17 @@ def ascend(monkeypatch: pytest.MonkeyPatch, torch_mod: Any) -> SimpleNamespace:
         inject(monkeypatch, name, _module(name, source=source))
     recorder = hooks.RecordingDeviceOps()
     monkeypatch.setattr(hooks, "default_device_factory", lambda: recorder)
+    # The fakes follow the 0.25 line's layout (checked against the real wheel in
+    # tests/test_runtime_check.py::test_fakes_match_the_real_sources).
+    real_detect = plugin.detect_ascend
+
+    def detect() -> plugin.AscendInfo:
+        info = real_detect()  # the native module decides, as in the real probe
+        return plugin.AscendInfo(
+            info.importable, FAKE_VERSION, info.native_module, info.verdict, info.reason
+        )
+
+    monkeypatch.setattr(plugin, "detect_ascend", detect)
     modules = sys.modules
     return SimpleNamespace(
         recorder=recorder,
@@ -578,10 +590,16 @@ def test_runtime_off(monkeypatch: pytest.MonkeyPatch) -> None:
     assert sys.meta_path == meta_path
 
 
-def test_runtime_env_typo_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runtime_env_typo_disables_with_the_reason_in_the_marker(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv(plugin.ENV_RUNTIME, "of")
-    with pytest.raises(ConfigError, match="PREFETCH_TUNE_RUNTIME=of"):
-        plugin.register()
+    monkeypatch.setenv(plugin.ENV_MARKER_DIR, str(tmp_path))
+    plugin.register()  # must not raise: vLLM's loader would not catch it
+    assert plugin.status().state == "error"
+    marker = json.loads(next(tmp_path.glob("prefetch-tune-*.json")).read_text())
+    assert marker["state"] == "error"
+    assert "PREFETCH_TUNE_RUNTIME=of" in marker["reason"]
 
 
 class WorkerWrapperBase:
@@ -613,15 +631,17 @@ def test_invalid_config_stops_the_worker(
 ) -> None:
     fake_ascend_packages(monkeypatch)
     config = vllm_config(DENSE_HF, wpc)
-    with pytest.raises(ConfigError, match=key):
-        WorkerWrapperBase().init_worker([{"vllm_config": config}])
+    WorkerWrapperBase().init_worker([{"vllm_config": config}])  # the worker goes on
+    assert plugin.status().state == "error"
+    assert re.search(key, plugin.status().reason)
 
 
 def test_root_key_typo_is_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
     fake_ascend_packages(monkeypatch)
     config = vllm_config(DENSE_HF, None, extra={"weight_prefetch_confg": {"enabled": True}})
-    with pytest.raises(ConfigError, match="weight_prefetch_confg"):
-        WorkerWrapperBase().init_worker([{"vllm_config": config}])
+    WorkerWrapperBase().init_worker([{"vllm_config": config}])  # the worker goes on
+    assert plugin.status().state == "error"
+    assert "weight_prefetch_confg" in plugin.status().reason
 
 
 def test_disabled_config_in_a_worker_stays_inactive(
@@ -704,10 +724,10 @@ def test_dense_prefetches_equal_the_plan(
     first = ascend.recorder.starts()[0]
     assert first.dependency.shape == (tokens, DENSE_HF["hidden_size"])  # the layer input
     # proof of activity: one log line and a marker per worker
-    assert "prefetch-tune runtime: active, 6 hooks, semantics plugin, config {" in caplog.text
+    assert "prefetch-tune runtime: active, 4 hooks, semantics plugin, config {" in caplog.text
     marker = json.loads((tmp_path / f"prefetch-tune-{os.getpid()}.json").read_text())
     assert marker["state"] == "active"
-    assert len(marker["hooks_installed"]) == 6 and marker["hooks_missing"] == {}
+    assert len(marker["hooks_installed"]) == 4 and marker["hooks_missing"] == {}
     assert marker["indexed_layers"] == DENSE_HF["num_hidden_layers"]
     assert marker["config"]["enabled"] is True
     assert marker["versions"]["prefetch-tune"]
@@ -729,28 +749,23 @@ def test_mlp_threshold(ascend: SimpleNamespace) -> None:
 
 
 @pytest.mark.torch
-def test_moe_prefetches_its_own_w13_from_96_tokens(ascend: SimpleNamespace) -> None:
+def test_moe_prefetch_is_never_started_on_released_lines(ascend: SimpleNamespace) -> None:
+    """D2/D3: no released line has a MoE start point whose join is reached on every path
+    (runtime/lines.py), so moe.gate_up is never started, hence never left unjoined."""
     model = load(ascend, vllm_config(MOE_HF))
     for tokens in (MOE_TOKEN_MIN - 1, MOE_TOKEN_MIN, 200):
         ascend.recorder.clear()
         run(model, tokens)
-        plan = planned(MOE_HF, ENABLED, tokens)
-        assert recorded_starts(ascend.recorder) == expected_starts(model, plan)
         assert_all_joined(ascend.recorder)
-        moe = [e for e in ascend.recorder.starts() if e.knob == "moe.gate_up"]
-        if tokens < MOE_TOKEN_MIN:
-            assert moe == []
-        else:
-            layers = model.model.layers
-            assert [e.weight for e in moe] == [layer.mlp.experts.w13_weight for layer in layers]
-            assert sequence(ascend.recorder) == [
-                "start attn.qkv",
-                "join attn.qkv",
-                "start attn.o",
-                "join attn.o",
-                "start moe.gate_up",
-                "join moe.gate_up",
-            ] * len(layers)
+        assert [e for e in ascend.recorder.starts() if e.knob == "moe.gate_up"] == []
+        layers = model.model.layers
+        assert sequence(ascend.recorder) == [
+            "start attn.qkv",
+            "join attn.qkv",
+            "start attn.o",
+            "join attn.o",
+        ] * len(layers)
+    assert "moe.gate_up (experts.w13)" in hooks.active().unexecutable
 
 
 @pytest.mark.torch
@@ -803,7 +818,7 @@ def test_register_twice_installs_once(ascend: SimpleNamespace) -> None:
     assert not hasattr(getattr(load_model, hooks.HOOK_MARK), hooks.HOOK_MARK)
     forward_oot = ascend.activation.AscendSiluAndMul.forward_oot
     assert not hasattr(getattr(forward_oot, hooks.HOOK_MARK), hooks.HOOK_MARK)
-    assert len(hooks.installed_hooks()) == 6
+    assert len(hooks.installed_hooks()) == 4
     run(worker.get_model(), 8)
     assert len(ascend.recorder.starts()) == 4 * DENSE_HF["num_hidden_layers"]
 
@@ -843,7 +858,7 @@ def test_missing_hook_point_warns_once_and_others_install(
     lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len([line for line in lines if missing in line]) == 1
     assert plugin.status().hooks_missing.keys() == {missing}
-    assert len(plugin.status().hooks_installed) == 5
+    assert len(plugin.status().hooks_installed) == 3
     run(model, 8)
     assert recorded_starts(ascend.recorder) == expected_starts(model, planned(DENSE_HF, ENABLED, 8))
 
@@ -967,3 +982,82 @@ def test_npu_device_ops_issue_side_stream_prefetch(monkeypatch: pytest.MonkeyPat
         ("exit", "side"),
         ("wait", "compute", "side"),
     ]
+
+
+_SERVING = """
+import http.server, sys
+from prefetch_tune.runtime import plugin
+plugin.register()  # as vLLM's plugin loader does, in every process
+server = http.server.HTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_bogus_runtime_leaves_a_serving_process_running(tmp_path: Path) -> None:
+    import urllib.request
+
+    env = {**os.environ, plugin.ENV_RUNTIME: "bogus", plugin.ENV_MARKER_DIR: str(tmp_path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SERVING], env=env, stdout=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as resp:
+            assert resp.status == 200
+        assert proc.poll() is None
+        marker = json.loads(next(tmp_path.glob("prefetch-tune-*.json")).read_text())
+        assert marker["state"] == "error" and marker["pid"] == proc.pid
+        assert "PREFETCH_TUNE_RUNTIME=bogus" in marker["reason"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.torch
+def test_raising_hook_disables_prefetch_and_serving_goes_on(
+    ascend: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(plugin.ENV_MARKER_DIR, str(tmp_path))
+    model = load(ascend, vllm_config(DENSE_HF))
+    calls = []
+
+    def broken(*args: Any) -> None:
+        calls.append(args)
+        raise RuntimeError("npu_prefetch exploded")
+
+    monkeypatch.setattr(ascend.recorder, "start", broken)
+    run(model, 8)  # the forward completes
+    assert len(calls) == 1  # the runtime switched itself off at the first failure
+    run(model, 8)
+    assert len(calls) == 1
+    assert plugin.status().state == "error"
+    marker = json.loads(next(tmp_path.glob("prefetch-tune-*.json")).read_text())
+    assert "npu_prefetch exploded" in marker["reason"] and marker["state"] == "error"
+
+
+@pytest.mark.torch
+def test_flashcomm2_w8a8_original_receives_what_it_would_without_the_plugin(
+    ascend: SimpleNamespace, torch_mod: Any
+) -> None:
+    """D1: v0.24.0rc1 w8a8_static.py `apply` quantizes and all-to-alls o_proj's input itself when
+    `layer._quant_comm_config["communication_fn"]` is set; the wrapper must pass x unchanged."""
+    model = load(ascend, vllm_config(DENSE_HF))
+    o_proj = model.model.layers[0].self_attn.o_proj
+    method = sys.modules["vllm_ascend.quantization.methods.w8a8_static"].AscendW8A8LinearMethod
+    seen: list[Any] = []
+
+    def original(self: Any, layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(x)
+        return x
+
+    wrapper = hooks._wrap_w8a8_apply(original)
+    x = torch_mod.randn(8, o_proj.weight.shape[1])
+    wrapper(method(), o_proj, x)  # control: the plugin quantizes before the original
+    assert seen[-1].dtype == torch_mod.int8
+    o_proj._quant_comm_config = {"communication_fn": lambda t: t}
+    ascend.recorder.clear()
+    wrapper(method(), o_proj, x)
+    assert seen[-1] is x  # exactly what the original gets without the plugin
+    assert ascend.recorder.events == []

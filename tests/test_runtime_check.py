@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from prefetch_tune.cli.runtime_check import runtime_check
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.runtime.check import check_runtime, evaluate, resolve_python
-from prefetch_tune.runtime.hooks import HOOK_POINTS, WORKER_HOOK
+from prefetch_tune.runtime.lines import all_hooks, line_for
 from prefetch_tune.runtime.plugin import ENTRY_POINT_VALUE
 
 # Stdlib-only stand-ins for the hook-point modules (the probe only resolves names).
@@ -37,11 +37,6 @@ FAKE_FILES: dict[str, str] = {
         "class AscendSiluAndMulWithClamp:\n    def forward_oot(self, x):\n        return x\n"
     ),
     "vllm_ascend/ops/fused_moe/__init__.py": "",
-    "vllm_ascend/ops/fused_moe/routed_experts.py": (
-        "class AscendRoutedExperts:\n"
-        "    def _select_experts(self, hidden_states, router_logits,"
-        " enable_force_load_balance, input_ids=None):\n        pass\n"
-    ),
     "vllm_ascend/ops/fused_moe/moe_mlp.py": (
         "def quant_apply_mlp(hidden_states, w1, w1_scale, w2, w2_scale, group_list):\n    pass\n"
     ),
@@ -95,7 +90,7 @@ def test_current_python_without_vllm_ascend() -> None:
     assert report.verdict == "absent"
     assert not report.ready
     assert report.entry_point == ENTRY_POINT_VALUE  # the editable install registers it
-    assert [h.name for h in report.hooks] == [hp.name for hp in (*HOOK_POINTS, WORKER_HOOK)]
+    assert [h.target for h in report.hooks] == [hp.target for hp in all_hooks(line_for(None))]
 
 
 def test_plugin_environment_is_ready(tmp_path: Path, use_site: Any) -> None:
@@ -153,7 +148,7 @@ def test_vllm_plugins_allow_list_must_name_the_plugin() -> None:
         "vllm_ascend_importable": True,
         "native_module": False,
         "entry_points": [{"name": "prefetch_tune", "value": ENTRY_POINT_VALUE}],
-        "hooks": {hp.name: "ok" for hp in (*HOOK_POINTS, WORKER_HOOK)},
+        "hooks": {hp.target: "ok" for hp in all_hooks(line_for("0.25.1rc1"))},
         "env": {"VLLM_PLUGINS": "ascend,ascend_model"},
     }
     report = evaluate(facts)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prefetch_tune.errors import ConfigError
-from prefetch_tune.runtime.hooks import HOOK_POINTS, WORKER_HOOK
+from prefetch_tune.runtime.lines import LINES, all_hooks, line_for
 from prefetch_tune.runtime.plugin import ENV_CAP_MIB, ENV_MARKER_DIR, ENV_RUNTIME
 from prefetch_tune.runtime.versions import (
     ENTRY_POINT_GROUP,
@@ -103,7 +103,9 @@ def resolve_python(python: str | None) -> str:
 
 def run_probe(python: str, timeout: float = 600.0) -> dict[str, Any]:
     """Run the shared probe (runtime.versions) in `python`, resolving every hook point."""
-    targets = [(hp.name, hp.module, hp.attr) for hp in (*HOOK_POINTS, WORKER_HOOK)]
+    # Every line's hook points, keyed by target: the version (known only after the probe)
+    # picks the line whose points count.
+    targets = sorted({(h.target, h.module, h.attr) for line in LINES for h in all_hooks(line)})
     return _run_probe(python, probe_request(targets, ENV_KEYS), timeout=timeout)
 
 
@@ -119,8 +121,10 @@ def evaluate(facts: dict[str, Any]) -> RuntimeCheck:
     plugin_entry = entry_point(facts)
     hook_facts: dict[str, str] = dict(facts.get("hooks") or {})
     hooks = tuple(
-        HookCheck(hp.name, hp.target, hook_facts.get(hp.name) == "ok", hook_facts.get(hp.name, ""))
-        for hp in (*HOOK_POINTS, WORKER_HOOK)
+        HookCheck(
+            hp.name, hp.target, hook_facts.get(hp.target) == "ok", hook_facts.get(hp.target, "")
+        )
+        for hp in all_hooks(line_for(ascend_version))
     )
     problems: list[str] = []
     notes: list[str] = []

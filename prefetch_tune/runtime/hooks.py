@@ -86,49 +86,19 @@ class HookPoint:
         return f"{self.module}:{self.attr}"
 
 
-_LINEAR_QUANT_POINTS = (QKV_QUANT, O_QUANT, GATE_UP_QUANT, DOWN_QUANT)
+def hook_points_for(version: str | None) -> tuple[HookPoint, ...]:
+    """The hook points of the line `version` belongs to (runtime/lines.py; None: newest)."""
+    from prefetch_tune.runtime.lines import line_for
 
-HOOK_POINTS: tuple[HookPoint, ...] = (
-    HookPoint(
-        "w8a8_apply",
-        "vllm_ascend.quantization.methods.w8a8_static",
-        "AscendW8A8LinearMethod.apply",
-        starts=_LINEAR_QUANT_POINTS,
-        joins=_LINEAR_QUANT_POINTS,
-    ),
-    HookPoint(
-        "row_parallel_forward",
-        "vllm_ascend.ops.linear",
-        "AscendRowParallelLinear.forward",
-        starts=(POST_NORM,),
-    ),
-    HookPoint(
-        "silu_and_mul",
-        "vllm_ascend.ops.activation",
-        "AscendSiluAndMul.forward_oot",
-        starts=(SWIGLU,),
-        joins=(SWIGLU,),
-    ),
-    HookPoint(
-        "silu_and_mul_clamp",
-        "vllm_ascend.ops.activation",
-        "AscendSiluAndMulWithClamp.forward_oot",
-        starts=(SWIGLU,),
-        joins=(SWIGLU,),
-    ),
-    HookPoint(
-        "select_experts",
-        "vllm_ascend.ops.fused_moe.routed_experts",
-        "AscendRoutedExperts._select_experts",
-        starts=(GATING,),
-    ),
-    HookPoint(
-        "quant_apply_mlp",
-        "vllm_ascend.ops.fused_moe.moe_mlp",
-        "quant_apply_mlp",
-        joins=(MOE_QUANT,),
-    ),
-)
+    return tuple(
+        HookPoint(h.name, h.module, h.attr, h.starts, h.joins) for h in line_for(version).hooks
+    )
+
+
+# The newest line's hook points; `activate` installs those of the running vLLM-Ascend's line.
+# MoE hooks (_wrap_select_experts / _wrap_quant_apply_mlp) are on no released line: see the
+# dead reasons in runtime/lines.py.
+HOOK_POINTS: tuple[HookPoint, ...] = hook_points_for(None)
 
 # Not a prefetch site: the worker method during which the runtime installs the hooks (before the
 # model is built, so CustomOps bind the wrapped forward_oot) and indexes the loaded model.
@@ -685,6 +655,18 @@ def ensure_ops() -> None:
     torch.fx.node.has_side_effect(namespace.prefetch_join.default)
 
 
+def _hook_failed(where: str, exc: Exception) -> None:
+    """A hook raised: join what is pending if possible, then switch the runtime off (one log
+    line, the marker) and let vLLM's own code run on, without prefetch."""
+    runtime = _ACTIVE
+    if runtime is not None:
+        with contextlib.suppress(Exception):
+            runtime.join_all()
+    from prefetch_tune.runtime import plugin
+
+    plugin.disable(f"{where} failed: {type(exc).__name__}: {exc}")
+
+
 def _callers() -> tuple[Callable[[Any, int, str], None], Callable[[Any, str], None]]:
     """(start, join) for the hooks: the custom ops while torch.compile traces (so the graph keeps
     an opaque, side-effecting node), a direct call otherwise (eager mode and ACL graph capture
@@ -700,16 +682,22 @@ def _callers() -> tuple[Callable[[Any, int, str], None], Callable[[Any, str], No
     )
 
     def start(dependency: Any, layer: int, point: str) -> None:
-        if is_compiling():
-            op_start(dependency, layer, point)
-        else:
-            _start_impl(dependency, layer, point)
+        try:
+            if is_compiling():
+                op_start(dependency, layer, point)
+            else:
+                _start_impl(dependency, layer, point)
+        except Exception as exc:
+            _hook_failed(f"prefetch start at {point}", exc)
 
     def join(after: Any, point: str) -> None:
-        if is_compiling():
-            op_join(after, point)
-        else:
-            _join_impl(after, point)
+        try:
+            if is_compiling():
+                op_join(after, point)
+            else:
+                _join_impl(after, point)
+        except Exception as exc:
+            _hook_failed(f"prefetch join at {point}", exc)
 
     return start, join
 
@@ -722,6 +710,15 @@ def _mark(wrapper: Callable[..., Any], original: Callable[..., Any]) -> Callable
     return wrapper
 
 
+def _communicates(layer: Any) -> bool:
+    """True when v0.24.0rc1's W8A8 apply would quantize and run flashcomm2's o_proj
+    all-to-all (`layer._quant_comm_config["communication_fn"]`, w8a8_static.py apply)."""
+    config = layer.__dict__.get("_quant_comm_config") if hasattr(layer, "__dict__") else None
+    if config is None:
+        config = getattr(layer, "_quant_comm_config", None)
+    return isinstance(config, dict) and config.get("communication_fn") is not None
+
+
 def _wrap_w8a8_apply(original: Callable[..., Any]) -> Callable[..., Any]:
     import torch
 
@@ -730,8 +727,9 @@ def _wrap_w8a8_apply(original: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(original)
     def apply(self: Any, layer: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
         point = getattr(layer, QUANT_POINT_ATTR, None)
-        if point is None or x.dtype == torch.int8:
+        if point is None or x.dtype == torch.int8 or _communicates(layer):
             # Input already quantized (fused norm+quant): no quantize to hide a prefetch behind.
+            # flashcomm2 (v0.24.0rc1): the original quantizes, then all-to-alls; untouched.
             return original(self, layer, x, *args, **kwargs)
         start(x, getattr(layer, LAYER_ATTR), point)
         quantized = torch.ops.vllm.quantize(
@@ -827,14 +825,15 @@ class InstallReport:
 
     installed: list[str] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
+    points: tuple[HookPoint, ...] = HOOK_POINTS  # the line's hook points this report is about
 
     @property
     def start_points(self) -> frozenset[str]:
-        return frozenset(p for hp in HOOK_POINTS if hp.target in self.installed for p in hp.starts)
+        return frozenset(p for hp in self.points if hp.target in self.installed for p in hp.starts)
 
     @property
     def join_points(self) -> frozenset[str]:
-        return frozenset(p for hp in HOOK_POINTS if hp.target in self.installed for p in hp.joins)
+        return frozenset(p for hp in self.points if hp.target in self.installed for p in hp.joins)
 
 
 # owner, attribute, what the owner's own __dict__ held before (None: it was inherited)
@@ -860,7 +859,8 @@ def unpatch(owner: Any, name: str, previous: Any) -> None:
 def install_hooks(points: Iterable[HookPoint] = HOOK_POINTS) -> InstallReport:
     """Wrap every hook point that can be found (idempotent); one warning line per missing one."""
     ensure_ops()
-    report = InstallReport()
+    points = tuple(points)
+    report = InstallReport(points=points)
     for point in points:
         if point.target in _PATCHED:
             report.installed.append(point.target)

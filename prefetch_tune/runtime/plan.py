@@ -66,6 +66,7 @@ class PlanOptions:
 
     sequence_parallel: bool = False  # FlashComm1 / SP: native mlp.gate_up needs it
     cap_bytes: int = DEFAULT_CAP_BYTES  # the plugin's single cap (native: fixed 18 MiB, MLP only)
+    line: str | None = None  # plugin: the vLLM-Ascend line (runtime/lines.py); None: any line
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,13 @@ def _dead_knobs(
                 "layer_idx never advances on MoE models; its layer_idx <= 0 "
                 "guard then returns None, so it never fires"
             )
-        elif model.quant != "w8a8":
+        elif semantics == "plugin" and options.line is not None:
+            from prefetch_tune.runtime.lines import line_named
+
+            reason = line_named(options.line).dead.get("moe.gate_up")
+            if reason:
+                dead["moe.gate_up"] = f"vllm-ascend line {options.line}: {reason}"
+        if "moe.gate_up" not in dead and model.quant != "w8a8":
             dead["moe.gate_up"] = (
                 "bf16 experts run unquant_apply_mlp, which has no join point, "
                 "so the runtime never starts it"

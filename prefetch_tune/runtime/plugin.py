@@ -24,6 +24,7 @@ build with `vllm_ascend.ops.weight_prefetch`), refuses versions before v0.15.0rc
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -180,7 +181,7 @@ def plan_options() -> PlanOptions:
 class PluginStatus:
     """What the plugin did in this process (for logs, markers and tests)."""
 
-    state: str = "unregistered"  # off|skipped|native|armed|inactive|active
+    state: str = "unregistered"  # off|skipped|native|armed|inactive|active|error
     reason: str = ""
     worker: bool = False
     hooks_installed: list[str] = field(default_factory=list)
@@ -303,7 +304,7 @@ def activate(
         hooks.set_active(None)
         _inactive(f"model not supported: {exc}", config, facts)
         return None
-    report = hooks.install_hooks()
+    report = hooks.install_hooks(hooks.hook_points_for(detect_ascend().version))
     runtime = hooks.Runtime(
         spec,
         layout,
@@ -423,13 +424,22 @@ def _wrap_load_model(original: Callable[..., Any]) -> Callable[..., Any]:
             "rank": getattr(self, "rank", None),
             "local_rank": getattr(self, "local_rank", None),
         }
-        runtime = activate(self.vllm_config, extra=extra)  # before the model is built
+        try:
+            runtime = activate(self.vllm_config, extra=extra)  # before the model is built
+        except Exception as exc:
+            disable(f"activation failed: {type(exc).__name__}: {exc}")
+            runtime = None
         result = original(self, *args, **kwargs)
         if runtime is not None:
-            model = _worker_model(self)
-            if model is None:
-                logger.warning("prefetch-tune runtime: cannot reach the loaded model to index it")
-            announce(runtime, model, extra)
+            try:
+                model = _worker_model(self)
+                if model is None:
+                    logger.warning(
+                        "prefetch-tune runtime: cannot reach the loaded model to index it"
+                    )
+                announce(runtime, model, extra)
+            except Exception as exc:
+                disable(f"indexing the model failed: {type(exc).__name__}: {exc}")
         return result
 
     setattr(load_model, HOOK_MARK, original)
@@ -554,9 +564,35 @@ def worker_vllm_config(max_depth: int = 64) -> Any:
 
 
 def register() -> None:
-    """The `vllm.general_plugins` entry point; safe to call any number of times, in any process."""
+    """The `vllm.general_plugins` entry point; safe to call any number of times, in any process.
+
+    Never raises: vLLM's plugin loader does not catch, so an error here would stop `vllm serve`
+    in every process. Any error is logged as one line and written to the marker; vLLM then runs
+    without prefetch.
+    """
     if _STATE.registered:
         return
+    try:
+        _register()
+    except Exception as exc:
+        disable(f"register() failed: {type(exc).__name__}: {exc}")
+
+
+def disable(reason: str) -> None:
+    """Switch prefetch off in this process after an error: one log line, the marker, no hooks
+    acting (wrappers pass straight through once no runtime is active)."""
+    from prefetch_tune.runtime import hooks
+
+    _STATE.registered = True
+    with contextlib.suppress(Exception):
+        hooks.set_active(None)
+    _set_status("error", reason)
+    logger.warning("prefetch-tune runtime: disabled, vLLM runs without prefetch: %s", reason)
+    with contextlib.suppress(Exception):
+        write_marker()
+
+
+def _register() -> None:
     mode = runtime_mode()
     if mode == "off":
         _set_status("off", f"{ENV_RUNTIME}=off")
