@@ -221,3 +221,26 @@ def test_the_plugin_refuses_the_channel_without_enforce_eager(
     doc = marker_doc(tmp_path / "markers")
     assert doc["control"]["state"] == "refused"
     assert "--enforce-eager" in doc["control"]["reason"]
+
+
+def test_a_worker_whose_hooks_sleep_keeps_the_channel_live(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No vLLM-Ascend (a CPU build): no hooks, but the channel still answers from a thread."""
+    control = tmp_path / "control.json"
+    monkeypatch.setenv(plugin.ENV_MARKER_DIR, str(tmp_path / "markers"))
+    monkeypatch.setenv(ENV_CONTROL, str(control))
+    config = SimpleNamespace(model_config=SimpleNamespace(enforce_eager=True), additional_config={})
+    assert plugin._asleep_channel(config)
+    assert marker_doc(tmp_path / "markers")["control"]["state"] == "waiting"
+    digest = write_control(control, HALF, seq=1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        doc = marker_doc(tmp_path / "markers")
+        if doc["control"]["config_hash"] == digest:
+            break
+        time.sleep(0.05)
+    assert doc["control"]["state"] == "applied" and doc["control"]["seq"] == 1
+    assert doc["config"] == HALF.to_json_obj()
+    monkeypatch.delenv(ENV_CONTROL)
+    assert not plugin._asleep_channel(config)

@@ -10,6 +10,7 @@ small study each.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -402,7 +403,11 @@ def plain_server(
     markers = tmp / "markers"
     cmd = [str(real_vllm.vllm), "serve", str(real_vllm.model), *serve_args()]
     cmd += ["--max-num-seqs", "2", "--host", "127.0.0.1", "--port", str(port)]
-    env = real_vllm.env(token, PREFETCH_TUNE_MARKER_DIR=str(markers))
+    env = real_vllm.env(
+        token,
+        PREFETCH_TUNE_MARKER_DIR=str(markers),
+        PREFETCH_TUNE_CONTROL=str(tmp / "control.json"),  # the channel, live with hooks asleep
+    )
     probes: list[tuple[float, str]] = []
     with ProcessWatch(token) as watch:
         server = ServerProcess(cmd, env, tmp / "serve.log", "127.0.0.1", port, ready_timeout=600)
@@ -436,6 +441,47 @@ def complete(server: ServerProcess, prompt: str = "the model") -> dict[str, Any]
         assert resp.status == 200
         answer: dict[str, Any] = json.loads(resp.read())
     return answer
+
+
+def _worker_controls(markers: Path) -> list[dict[str, Any]]:
+    docs = []
+    for path in markers.glob("prefetch-tune-*.json"):
+        with contextlib.suppress(OSError, ValueError):
+            doc = json.loads(path.read_text())
+            if doc.get("worker") and isinstance(doc.get("control"), dict):
+                docs.append(doc)
+    return docs
+
+
+def test_the_control_channel_answers_in_a_real_worker(plain_server: PlainServer) -> None:
+    """Issue 14 in a real vLLM: the worker's plugin sleeps (no vLLM-Ascend) but watches the
+    control file, acknowledges a new config in its marker, and keeps it on a bad file."""
+    from prefetch_tune.prefetch import PrefetchConfig
+    from prefetch_tune.runtime.control import write_control
+
+    control = plain_server.markers.parent / "control.json"
+    docs = _worker_controls(plain_server.markers)
+    assert docs, "no worker marker with a control state"
+    assert all(d["state"] == "skipped" and "vllm-ascend" in d["reason"] for d in docs)
+    half = PrefetchConfig.make(ratios={"attn.qkv": 0.5, "attn.o": 0.5})
+    digest = write_control(control, half, seq=1)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        docs = _worker_controls(plain_server.markers)
+        if docs and all(d["control"]["config_hash"] == digest for d in docs):
+            break
+        time.sleep(0.2)
+    assert docs and all(d["control"]["seq"] == 1 for d in docs), docs
+    control.write_text('{"weight_prefetch_config": {"enabled": true, "prefetch_ratio": 3}}')
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        docs = _worker_controls(plain_server.markers)
+        if all(d["control"]["rejected"] for d in docs):
+            break
+        time.sleep(0.2)
+    assert all(d["control"]["config_hash"] == digest for d in docs)
+    assert all("rejected, still running" in d["control"]["reason"] for d in docs)
+    assert plain_server.server.poll() is None
 
 
 def test_readiness_as_the_fake_models_it(plain_server: PlainServer) -> None:

@@ -49,6 +49,7 @@ from prefetch_tune.runtime.control import (
     ControlState,
     every_from_env,
     refusal,
+    watch,
 )
 from prefetch_tune.runtime.versions import (
     DISTS,
@@ -592,6 +593,33 @@ def disable(reason: str) -> None:
         write_marker()
 
 
+def _asleep_channel(vllm_config: Any) -> bool:
+    """With PREFETCH_TUNE_CONTROL set in a worker whose hooks sleep (no vLLM-Ascend to hook),
+    keep the control channel and its acknowledgements live from a watch thread: the process
+    plumbing (environment, markers, control file) is then checkable where no NPU is. The configs
+    are acknowledged as recorded; nothing is prefetched. False when no channel was asked for."""
+    path = os.environ.get(ENV_CONTROL, "").strip()
+    if not path:
+        return False
+    config = None if vllm_config in (None, _NO_WORKER) else vllm_config
+    eager = getattr(getattr(config, "model_config", None), "enforce_eager", None)
+    try:
+        current = read_prefetch_config(config) if config is not None else PrefetchConfig.off()
+    except ConfigError:
+        current = PrefetchConfig.off()
+
+    def record(new: PrefetchConfig) -> None:
+        _STATE.status.config = new.to_json_obj()
+
+    def acknowledge(state: ControlState) -> None:
+        write_marker({"control": state.to_json_obj()})
+
+    channel = ControlChannel(path, current, record, acknowledge, every_from_env(), refusal(eager))
+    if channel.live:
+        watch(channel)
+    return True
+
+
 def _register() -> None:
     mode = runtime_mode()
     if mode == "off":
@@ -608,7 +636,7 @@ def _register() -> None:
             _set_status(state, info.reason, worker=in_worker)
             log = logger.debug if info.verdict == "absent" else logger.info
             log("prefetch-tune runtime: not installed: %s", info.reason)
-            if in_worker:
+            if in_worker and not _asleep_channel(found):
                 write_marker()
             _STATE.registered = True
             return
