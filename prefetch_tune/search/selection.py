@@ -65,7 +65,10 @@ def remeasure(
                 break
             cand.runs.append(metrics)
             cand.values.append(settings.objective_value(metrics))
-        progress.message(f"re-measured {cand.label}: median {cand.median:,.2f}")
+        progress.message(
+            f"max-num-seqs {point.max_num_seqs}: re-measured {cand.label}: "
+            f"median {cand.median:,.2f}"
+        )
 
 
 def judge(cand: Candidate, point: OperatingPoint, settings: SearchSettings) -> None:
