@@ -21,7 +21,12 @@ CASES = {
     "python -c pass": [sys.executable, "-c", "pass"],
     "prefetch-tune --help": [sys.executable, "-m", "prefetch_tune", "--help"],
     "prefetch-tune apply --set mlp.down=0.5": [
-        sys.executable, "-m", "prefetch_tune", "apply", "--set", "mlp.down=0.5",
+        sys.executable,
+        "-m",
+        "prefetch_tune",
+        "apply",
+        "--set",
+        "mlp.down=0.5",
     ],  # fmt: skip
 }
 

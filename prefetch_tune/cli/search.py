@@ -295,9 +295,7 @@ def _run(points: list[OperatingPoint], be: Any, settings: SearchSettings) -> lis
         with contextlib.ExitStack() as stack:
             progress: SearchProgress = PlainProgress()
             if err_console.is_terminal:
-                bar = stack.enter_context(
-                    Progress(*columns, console=err_console, transient=False)
-                )
+                bar = stack.enter_context(Progress(*columns, console=err_console, transient=False))
                 progress = RichProgress(bar)
             for point in points:
                 if stop.is_set():
