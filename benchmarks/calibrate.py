@@ -1,4 +1,4 @@
-"""Calibration of the sim's estimated hardware fields against DESIGN.md section 4.
+"""Calibration of the sim's estimated hardware fields against docs/design.md section 3.
 
 Scans the estimated fields of a built-in profile over physically plausible ranges and reports,
 for each setting, whether properties 1 and 2 hold at the documented point:

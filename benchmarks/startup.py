@@ -27,7 +27,7 @@ CASES = {
         "apply",
         "--set",
         "mlp.down=0.5",
-    ],  # fmt: skip
+    ],
 }
 
 

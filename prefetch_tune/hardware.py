@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.numbers import non_negative
 from prefetch_tune.resources import configs_dir
 
 KINDS = ("published", "derived", "estimated", "fitted")
@@ -56,8 +57,7 @@ def _field(doc: dict[str, Any], key: str, where: str) -> float:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: field {key} must be a table with value, unit, kind, source")
     value = entry.get("value")
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(f"{where}: field {key}.value must be a number >= 0 (got {value!r})")
+    number = non_negative(value, f"{where}: field {key}.value")
     if entry.get("kind") not in KINDS:
         raise ConfigError(
             f"{where}: field {key}.kind must be one of {', '.join(KINDS)} "
@@ -65,7 +65,7 @@ def _field(doc: dict[str, Any], key: str, where: str) -> float:
         )
     if not isinstance(entry.get("source"), str) or not entry["source"].strip():
         raise ConfigError(f"{where}: field {key}.source must say where the number comes from")
-    return float(value)
+    return number
 
 
 def parse_profile(doc: dict[str, Any], where: str) -> HardwareProfile:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.numbers import json_loads
 
 Semantics = Literal["plugin", "native-0.23"]
 SEMANTICS: tuple[Semantics, ...] = ("plugin", "native-0.23")
@@ -197,11 +198,13 @@ def parse_weight_prefetch_config(obj: object, path: str = ROOT_KEY) -> PrefetchC
 def load_json_object(text: str, what: str) -> dict[str, Any]:
     """Decode JSON text that must be an object; errors name `what` (a flag or path)."""
     try:
-        obj = json.loads(text)
+        obj = json_loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
             f"{what}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
         ) from None
+    except ValueError as exc:  # NaN / Infinity literals
+        raise ConfigError(f"{what}: {exc}") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"{what}: expected a JSON object, got {type(obj).__name__}")
     return obj

@@ -57,7 +57,7 @@ def result_row(path: Path, doc: dict[str, Any]) -> dict[str, Any]:
 def result_rows(results_dir: Path) -> list[dict[str, Any]]:
     """Rows sorted by point, then numerically by max-num-seqs; unreadable files as error rows."""
     rows: list[dict[str, Any]] = []
-    for path, doc in iter_results(results_dir):
+    for path, doc in iter_results(results_dir, include_aside=True):
         if isinstance(doc, ConfigError):
             rows.append({"file": str(path), "error": str(doc)})
         else:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.numbers import finite_tree
 
 # Top-level keys and the Python types they accept (flag name with `-` -> `_`).
 SEARCH_KEYS: dict[str, tuple[type, ...]] = {
@@ -44,13 +45,15 @@ SEARCH_KEYS: dict[str, tuple[type, ...]] = {
 def read_toml(path: Path, what: str) -> dict[str, Any]:
     """A TOML file as a dict; a missing, unreadable or invalid file is a ConfigError."""
     try:
-        return tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what}") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a directory, not a {what}") from None
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML for a {what} ({exc})") from None
+    finite_tree(doc, str(path))
+    return doc
 
 
 def check_keys(raw: dict[str, Any], allowed: dict[str, tuple[type, ...]], where: str) -> None:

@@ -508,15 +508,15 @@ def test_entry_point_visible_through_importlib_metadata() -> None:
     ],
 )
 def test_classify_versions(version: str | None, native_module: bool, verdict: str) -> None:
-    assert plugin.classify(version, native_module)[0] == verdict
+    assert plugin.classify_runtime(version, native_module)[0] == verdict
 
 
 def test_classify_absent_and_reasons() -> None:
-    assert plugin.classify(None, False, importable=False) == (
+    assert plugin.classify_runtime(None, False, importable=False) == (
         "absent",
         "vllm-ascend is not installed",
     )
-    assert "older than v0.15.0rc1" in plugin.classify("0.13.0", True)[1]
+    assert "older than v0.15.0rc1" in plugin.classify_runtime("0.13.0", True)[1]
     assert plugin.parse_version("0.24.0rc1") < plugin.parse_version("0.24.0")  # type: ignore[operator]
     assert plugin.parse_version("0.24.0.dev1") < plugin.parse_version("0.24.0rc1")  # type: ignore[operator]
     assert plugin.parse_version("not a version") is None

@@ -6,8 +6,7 @@ Fixtures with known truth:
 * simulated traces (`simulate_step(..., with_events=True)` + `trace.step_trace`): the truth per
   knob is read from the sim's own events (the CMO, the op named by the plan's `start_before`,
   the EVENT_WAIT carrying the knob);
-* hand-made exports that follow the documented layouts (reference/hardware-models-profiles.md
-  section 3): trace_view.json as a bare array with absolute string timestamps, host processes
+* hand-made exports that follow the documented layouts (docs/profile-formats.md): trace_view.json as a bare array with absolute string timestamps, host processes
   to skip, late metadata, two devices, two steps, fused AddRmsNormQuant, EVENT_RECORD/WAIT
   tasks; kernel_details.csv with reordered / extra / missing optional columns. The builder
   places every task itself, so it knows each prefetch's overlap, lateness and stall.
@@ -48,7 +47,7 @@ from prefetch_tune.analysis.kernels import (
     QUANT,
     SWIGLU,
     WAIT,
-    classify,
+    kernel_category,
 )
 from prefetch_tune.analysis.pairing import (
     ROLE_BITS,
@@ -59,12 +58,13 @@ from prefetch_tune.analysis.pairing import (
 )
 from prefetch_tune.analysis.profile import ProfileReport, analyse
 from prefetch_tune.analysis.trace import OP_TYPES, step_trace
+from prefetch_tune.analysis.verdicts import KnobReport, Rules, knob_verdict
 from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.backends.sim import StepResult, simulate_step
 from prefetch_tune.cli import app
 from prefetch_tune.cli.profile_cmd import profile as profile_command
 from prefetch_tune.hardware import HardwareProfile, load_hardware, parse_profile
-from prefetch_tune.models import Layout, load_model
+from prefetch_tune.models import Layout, MiB, load_model
 from prefetch_tune.prefetch import PrefetchConfig, Semantics
 from prefetch_tune.runtime import plan as P
 
@@ -1036,8 +1036,8 @@ def test_calibrate_needs_a_writable_target(tmp_path: Path) -> None:
         ("aclnnCast_Cast", "", "AI_VECTOR_CORE", OTHER),
     ],
 )
-def test_classify(name: str, op_type: str, task_type: str, cat: int) -> None:
-    assert classify(name, op_type, task_type) == cat
+def test_kernel_category(name: str, op_type: str, task_type: str, cat: int) -> None:
+    assert kernel_category(name, op_type, task_type) == cat
 
 
 def test_label_layers_dense_and_moe() -> None:
@@ -1049,7 +1049,7 @@ def test_label_layers_dense_and_moe() -> None:
         compute = [e for e in step.layer.events if e.stream == "compute" and e.name != "EVENT_WAIT"]
         names = [e.name for e in compute] * 3
         kernel_names = [f"{OP_TYPES[n][0]}_{n}" for n in names]
-        cats = [classify(n) for n in kernel_names]
+        cats = [kernel_category(n) for n in kernel_names]
         roles, layers = label_layers(cats)
         for i, name in enumerate(names):
             got = roles_of(roles[i])
@@ -1106,3 +1106,84 @@ def test_reader_keeps_only_hardware_processes(tmp_path: Path) -> None:
     assert len(dev.cmos) == len(HAND_KNOBS)  # not the host's npu::npu_prefetch, not CANN's
     names = {dev.op_name(i) for i in range(len(dev.start))}
     assert "Computing" not in names and "aten::linear" not in names
+
+
+# ---------------------------------------------------------------- verdict rules, one by one
+
+
+def _op(weight_mib: float, start: str = "post_attention_layernorm") -> P.PrefetchOp:
+    nbytes = int(weight_mib * MiB)
+    return P.PrefetchOp(
+        knob="mlp",
+        weight="gate_up",
+        weight_bytes=nbytes,
+        ratio=0.1,
+        requested_bytes=nbytes // 10,
+        bytes=nbytes // 10,
+        capped=False,
+        start_before=start,
+        join_after=start,
+        consumer="gate_up_proj",
+        fires=True,
+    )
+
+
+def _knob(**over: Any) -> KnobReport:
+    """A knob report of one hidden, on-time prefetch; tests override what their rule reads."""
+    base: dict[str, Any] = {
+        "knob": "mlp",
+        "weight": "gate_up",
+        "count": 20,
+        "overlap_median": 1.0,
+        "overlap_p90": 1.0,
+        "hidden_median_us": 2.0,
+        "late_count": 0,
+        "late_share": 0.0,
+        "late_median_us": -1.0,
+        "late_p90_us": -1.0,
+        "late_when_late_median_us": 0.0,
+        "stall_median_us": 0.0,
+        "stall_p90_us": 0.0,
+        "stall_source": "EVENT_WAIT",
+        "cmo_median_us": 2.0,
+        "vector_op": "AddRmsNorm",
+        "vector_median_us": 4.0,
+        "consumer": "QuantBatchMatmulV3",
+        "consumer_margin_median_us": 1.0,
+        "bytes_median": 4.0 * MiB,
+        "bytes_source": "size(B)",
+        "bandwidth_median": 2e9,
+        "verdict": "keep",
+        "reason": "",
+        "ratio_hint": None,
+        "plan_ratio": 0.1,
+        "plan_bytes": 4 * MiB,
+        "plan_fires": True,
+        "plan_reason": "",
+        "devices": 1,
+    }
+    base.update(over)
+    return KnobReport(**base)
+
+
+def test_verdict_late_with_too_little_room_is_off() -> None:
+    # Late in 80%; at the pace of the vector op only 0.4 MiB of the 40 MiB weight fits behind
+    # it (below min_useful_bytes, 1 MiB): not worth its issue and sync, so off, not lower.
+    late = {"late_share": 0.8, "late_count": 16, "late_median_us": 18.0, "cmo_median_us": 20.0}
+    verdict_, reason, hint = knob_verdict(_knob(vector_median_us=2.0, **late), _op(40.0), Rules())
+    assert verdict_ == "off", reason
+    assert "too little to pay" in reason and hint == 0.0
+    # The same lateness with room for 2 MiB (above the threshold) is lower, with a ratio hint.
+    verdict_, reason, hint = knob_verdict(_knob(vector_median_us=10.0, **late), _op(40.0), Rules())
+    assert verdict_ == "lower", reason
+    assert hint == pytest.approx(0.05)
+
+
+def test_verdict_join_stall_larger_than_what_it_hides_is_off() -> None:
+    # On time and fully hidden (2 µs), but the compute stream waits 5 µs at the join: off.
+    verdict_, reason, hint = knob_verdict(_knob(stall_median_us=5.0), _op(40.0), Rules())
+    assert verdict_ == "off", reason
+    assert "join stall outweighs" in reason and hint == 0.0
+    # A 1 µs stall under the 2 µs it hides leaves the rest of the rules to decide (raise here).
+    verdict_, reason, _ = knob_verdict(_knob(stall_median_us=1.0), _op(40.0), Rules())
+    assert verdict_ == "raise", reason

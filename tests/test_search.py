@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -166,7 +167,7 @@ def test_acceptance_winners_near_brute_force_optimum(two_points: Path) -> None:
         if doc["winner"]["is_off"]:  # allowed, but then off itself is within 1%
             assert throughput(PrefetchConfig.off(), p) >= 0.99 * optimum
         winners[n] = doc["winner"]
-    # DESIGN.md 4, property 1: the best prefetch grows with concurrency.
+    # docs/design.md section 3, property 1: the best prefetch grows with concurrency.
     assert winners[8]["total_effective_mib"] < winners[72]["total_effective_mib"]
 
 
@@ -397,13 +398,17 @@ def test_resume_after_a_kill_mid_ask_and_mid_append(tmp_path: Path) -> None:
         study_name=study_name(point(72), "sim"), storage=storage, direction="maximize"
     )
     untagged = study.ask().number
-    Path(f"{journal}.lock").symlink_to(journal)  # Optuna's lock, as a killed writer leaves it
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # the journal lock a killed writer leaves: its owner's pid is gone
+    Path(f"{journal}.lock").symlink_to(f"prefetch-tune-lock:{socket.gethostname()}:{dead.pid}::x")
     with journal.open("ab") as fh:  # and the first half of the record it was appending
         fh.write(b'{"op_code":8,"worker_id":"x","trial_id":0,"user_attr":{"own')
     started = time.monotonic()
     r = run("search", *MODEL, "--max-num-seqs", "72", "--trials", "6", "--results-dir", tmp_path)
     assert_ok(r)
     assert time.monotonic() - started < 20  # not Optuna's 30 s stale-lock grace period
+    assert "broke a stale journal lock" in r.stderr
+    assert "cut a half-written last record" in r.stderr
     trials = journal_study(tmp_path).trials
     assert trials[untagged].state == TrialState.FAIL
     assert trials[untagged].user_attrs["orphaned"] is True

@@ -166,6 +166,26 @@ def test_hang_hits_startup_timeout_and_group_is_gone(make_server: MakeServer) ->
     assert 1.3 <= elapsed < 4.0
 
 
+def test_startup_timeout_after_an_oom_in_the_log_is_out_of_memory(tmp_path: Path) -> None:
+    # vLLM's engine core can die of OOM while the API server keeps waiting for it: no exit, no
+    # ready answer, but the log says why. That is out of memory (infeasible), not a timeout.
+    port = free_port()
+    script = (
+        "import time; print('torch.OutOfMemoryError: NPU out of memory. Tried to allocate "
+        "2.00 GiB', flush=True); time.sleep(60)"
+    )
+    log = tmp_path / "server.log"
+    server = ServerProcess(
+        [sys.executable, "-c", script], None, log, "127.0.0.1", port, ready_timeout=1.5
+    )
+    with pytest.raises(ServerStartupError) as info, server:
+        server.wait_until_ready()
+    assert info.value.failure_class == FailureClass.OUT_OF_MEMORY
+    assert str(info.value).startswith("startup timeout after")
+    assert "(the log shows out of memory)" in str(info.value)
+    assert_group_gone(server.pgid)
+
+
 def test_sigterm_ignoring_server_is_killed_after_grace(make_server: MakeServer) -> None:
     server = make_server(env={"FAKE_VLLM_IGNORE_SIGTERM": "1"}, stop_grace=1.0)
     server.start()

@@ -1,4 +1,4 @@
-"""The sim backend stays a physical model (DESIGN.md §4).
+"""The sim backend stays a physical model (docs/design.md section 3).
 
 Checked on the two documented operating points (plugin semantics, 3500 in / 1500 out):
   dense: qwen3-32b w8a8 tp4 on atlas-a2, documented max-num-seqs 72 (higher point 128);

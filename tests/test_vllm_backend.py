@@ -26,7 +26,7 @@ from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.backends.server import FailureClass
 from prefetch_tune.backends.vllm import (
     VllmBackend,
-    check_runtime,
+    detect_serving_runtime,
     parse_vllm_table,
     semantics_for,
 )
@@ -206,8 +206,8 @@ def test_runtime_check_falls_back_to_vllm_version_and_refuses_a_semantics_mismat
         results_dir=tmp_path,
     )
     with pytest.raises(ConfigError, match="needs --semantics plugin"):
-        backend.check_runtime(point("native-0.23"))
-    info = backend.check_runtime(point("plugin"))
+        backend.check_semantics(point("native-0.23"))
+    info = backend.check_semantics(point("plugin"))
     assert info.semantics == "plugin" and info.vllm == "0.24.0"
     assert "vllm --version" in info.source and any("vllm-ascend not found" in n for n in info.notes)
     assert backend.provenance()["vllm_version"] == "0.24.0"
@@ -232,7 +232,7 @@ def test_plugin_semantics_need_prefetch_tune_in_the_serving_env(tmp_path: Path) 
     )
     fake_python.chmod(0o755)
     with pytest.raises(ConfigError, match=r"-m pip install prefetch-tune"):
-        check_runtime(str(fake_python), "vllm", {})
+        detect_serving_runtime(str(fake_python), "vllm", {})
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from prefetch_tune.analysis.kernels import COMPUTE_CATS, PREFETCH, SYNC, WAIT, classify
+from prefetch_tune.analysis.kernels import COMPUTE_CATS, PREFETCH, SYNC, WAIT, kernel_category
 from prefetch_tune.errors import ConfigError
 
 CHUNK_CHARS = 1 << 20  # characters read per chunk of a trace_view.json
@@ -181,7 +181,7 @@ class _Collector:
         ckey = (name, op_type, task_type)
         cat = self._cats.get(ckey)
         if cat is None:
-            cat = self._cats[ckey] = classify(name, op_type, task_type)
+            cat = self._cats[ckey] = kernel_category(name, op_type, task_type)
         try:
             start = self.clock.rel(ts)
             length = _num(dur)
@@ -567,7 +567,11 @@ def _load_kernel_details(path: Path) -> tuple[list[DeviceTimeline], int, int]:
                 if has_stream:
                     stream: Any = cell(row, "stream") or "N/A"
                 else:  # no stream column: a prefetch task is by definition on its own stream
-                    stream = "prefetch" if classify(name, op_type, core) == PREFETCH else "compute"
+                    stream = (
+                        "prefetch"
+                        if kernel_category(name, op_type, core) == PREFETCH
+                        else "compute"
+                    )
                 col.add(
                     device,
                     stream,

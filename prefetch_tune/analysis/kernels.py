@@ -37,7 +37,7 @@ _ATTN_RE = re.compile(r"attention|flash|attn")
 _COMM_RE = re.compile(r"^hcom|hccl|all_?reduce|all_?to_?all|all_?gather|reduce_?scatter")
 
 
-def classify(name: str, op_type: str = "", task_type: str = "") -> int:
+def kernel_category(name: str, op_type: str = "", task_type: str = "") -> int:
     """The category of one device task from its name, op type and task type (case-insensitive).
 
     The op type (kernel_details `Type`) decides when given; a trace_view name such as

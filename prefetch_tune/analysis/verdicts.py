@@ -17,7 +17,7 @@ from prefetch_tune.analysis.pairing import Instance, PlanChoice
 from prefetch_tune.models import MiB
 from prefetch_tune.runtime import plan as P
 
-Verdict = Literal["raise", "keep", "lower", "off"]
+KnobVerdict = Literal["raise", "keep", "lower", "off"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class KnobReport:
     bytes_median: float | None
     bytes_source: str
     bandwidth_median: float | None  # B/s
-    verdict: Verdict
+    verdict: KnobVerdict
     reason: str
     ratio_hint: float | None
     plan_ratio: float | None
@@ -147,14 +147,14 @@ def knob_reports(
             plan_reason=op.reason if op else "",
             devices=len({i.device for i in g}),
         )
-        rep.verdict, rep.reason, rep.ratio_hint = verdict(rep, op, rules)
+        rep.verdict, rep.reason, rep.ratio_hint = knob_verdict(rep, op, rules)
         out.append(rep)
     return out
 
 
-def verdict(
+def knob_verdict(
     k: KnobReport, op: P.PrefetchOp | None, rules: Rules
-) -> tuple[Verdict, str, float | None]:
+) -> tuple[KnobVerdict, str, float | None]:
     """raise / keep / lower / off for one knob, the reason in one line, and a ratio to try.
 
     Longer than 80 lines on purpose: one ordered list of rules, the first that matches wins;
@@ -268,7 +268,8 @@ def no_prefetch_causes(data: ProfileData, plan: PlanChoice | None) -> list[str]:
         "removed; the key is silently ignored) without the prefetch-tune plugin"
     )
     causes.append(
-        "token thresholds: MLP prefetch only below 500 tokens per forward, MoE only from 96; "
+        f"token thresholds: MLP prefetch only below {P.MLP_TOKEN_LIMIT} tokens per forward, MoE "
+        f"only from {P.MOE_TOKEN_MIN}; "
         "attn prefetch only in static W8A8 linears"
     )
     if data.fmt == "kernel_details":

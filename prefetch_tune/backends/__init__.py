@@ -1,2 +1,3 @@
-"""Backends that produce measurements: the built-in model (`sim`) and real runs (`vllm`: the
-server process and the benchmark client), behind one protocol (`base`)."""
+"""Backends that produce measurements, behind one protocol (`base`): the built-in performance
+model (`sim`) and real runs (`vllm`, which drives a `vllm serve` process group from `server` and
+the `vllm bench serve` client from `bench`)."""

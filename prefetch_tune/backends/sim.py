@@ -43,9 +43,9 @@ from prefetch_tune.backends.base import (
     Workload,
     register_backend,
 )
-from prefetch_tune.errors import ConfigError
 from prefetch_tune.hardware import HardwareProfile, load_hardware
 from prefetch_tune.models import Layout, MiB, ModelSpec, load_model
+from prefetch_tune.numbers import non_negative, number
 from prefetch_tune.prefetch import PrefetchConfig, parse_additional_config
 from prefetch_tune.runtime import plan as P
 
@@ -510,6 +510,9 @@ def apply_noise(metrics: Metrics, pct: float, key: str) -> Metrics:
     return noisy
 
 
+NOISE_MAX_PCT = 50.0  # a larger sigma pins most draws at apply_noise's 0.5 floor
+
+
 class SimBackend:
     """The built-in performance model as a backend (simulated numbers, never measured)."""
 
@@ -517,8 +520,8 @@ class SimBackend:
     measured = False
 
     def __init__(self, noise_pct: float = 0.0, seed: int = 0, **_: Any) -> None:
-        if noise_pct < 0:
-            raise ConfigError(f"--noise {noise_pct}: must be >= 0")
+        number(noise_pct, "--noise", low=0, high=NOISE_MAX_PCT)
+        non_negative(seed, "--seed", integer=True)
         self.noise_pct = noise_pct
         self.seed = seed
 

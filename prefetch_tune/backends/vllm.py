@@ -411,7 +411,9 @@ def cli_version(executable: str, env: Mapping[str, str]) -> str:
     raise ConfigError(f"runtime check: `{executable} --version` printed no version")
 
 
-def check_runtime(python: str | None, executable: str, env: Mapping[str, str]) -> RuntimeInfo:
+def detect_serving_runtime(
+    python: str | None, executable: str, env: Mapping[str, str]
+) -> RuntimeInfo:
     """Find the serving environment's versions and the semantics they imply (see module doc).
 
     The probe and the version rule are the shared ones of `prefetch_tune.runtime.versions`.
@@ -564,10 +566,10 @@ class VllmBackend:
 
     # -- runtime check -------------------------------------------------------------------
 
-    def check_runtime(self, point: OperatingPoint) -> RuntimeInfo:
+    def check_semantics(self, point: OperatingPoint) -> RuntimeInfo:
         """Detect the serving versions once; the point's semantics must agree with them."""
         if self.runtime is None:
-            self.runtime = check_runtime(self.python, self.executable, self.env)
+            self.runtime = detect_serving_runtime(self.python, self.executable, self.env)
             self._check_deprecated_env(self.runtime)
         detected = self.runtime.semantics
         if point.semantics != detected:
@@ -728,7 +730,7 @@ class VllmBackend:
     def evaluate(self, config: PrefetchConfig, point: OperatingPoint, repeat: int = 0) -> Metrics:
         """Metrics of one benchmark run; a repeat of the last config reuses its server."""
         with self._lock:
-            info = self.check_runtime(point)
+            info = self.check_semantics(point)
             semantics = info.semantics
             logs = self.logs_dir(point)
             logs.mkdir(parents=True, exist_ok=True)
@@ -874,7 +876,7 @@ __all__ = [
     "RuntimeInfo",
     "VllmBackend",
     "VllmSettings",
-    "check_runtime",
+    "detect_serving_runtime",
     "parse_vllm_table",
     "semantics_for",
 ]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperGroup
 
@@ -33,10 +32,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 class LazyGroup(TyperGroup):
     """A click group that imports a command's module only when the command is looked up."""
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
+    def list_commands(self, ctx: Any) -> list[str]:
         return list(COMMANDS)
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
         if cmd_name not in COMMANDS:
             return None
         module, func, _ = COMMANDS[cmd_name]
@@ -45,11 +44,11 @@ class LazyGroup(TyperGroup):
         single.command(cmd_name)(fn)
         return typer.main.get_command(single)
 
-    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_help(self, ctx: Any, formatter: Any) -> None:
         # typer's rich help looks every command up (imports them all); click's plain one does not
-        click.Group.format_help(self, ctx, formatter)
+        super(TyperGroup, self).format_help(ctx, formatter)
 
-    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+    def format_commands(self, ctx: Any, formatter: Any) -> None:
         with formatter.section("Commands"):
             formatter.write_dl([(name, help_) for name, (_, _, help_) in COMMANDS.items()])
 

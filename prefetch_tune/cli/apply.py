@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 
@@ -17,7 +17,7 @@ from prefetch_tune.cli.common import (
     resolve_semantics,
 )
 from prefetch_tune.errors import ConfigError, PrefetchTuneError
-from prefetch_tune.models import QUANTS
+from prefetch_tune.models import QUANTS, Quant, catalog_names, load_model
 from prefetch_tune.prefetch import (
     PrefetchConfig,
     Semantics,
@@ -25,8 +25,10 @@ from prefetch_tune.prefetch import (
     parse_set_options,
     parse_weight_prefetch_config,
 )
-from prefetch_tune.results import load_result, matching_results
+from prefetch_tune.results import PointQuery, describe_point, load_result, matching_results
 from prefetch_tune.summaries import RATIO_DECIMALS
+
+BACKENDS = ("sim", "vllm")
 
 
 class NotTuned(PrefetchTuneError):
@@ -46,11 +48,32 @@ def apply(
         str | None,
         typer.Option("--model", "-m", help="Look the result up by model (with --max-num-seqs)."),
     ] = None,
-    quant: Annotated[str, typer.Option("--quant", help="w8a8 or bf16 (with --model).")] = "w8a8",
+    quant: Annotated[
+        str | None,
+        typer.Option(
+            "--quant",
+            help="w8a8 or bf16 (default: w8a8 for the catalog, detected for a directory).",
+        ),
+    ] = None,
     tp: Annotated[int, typer.Option("--tp")] = 1,
     dp: Annotated[int, typer.Option("--dp")] = 1,
     ep: Annotated[bool, typer.Option("--ep")] = False,
     max_num_seqs: Annotated[int | None, typer.Option("--max-num-seqs")] = None,
+    hardware: Annotated[
+        str | None,
+        typer.Option("--hardware", help="With --model: the result's hardware (default: any)."),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option("--backend", help="With --model: sim or vllm (default: measured first)."),
+    ] = None,
+    sequence_parallel: Annotated[
+        bool | None,
+        typer.Option(
+            "--sequence-parallel/--no-sequence-parallel",
+            help="With --model: a result with sequence parallel on or off (default: any).",
+        ),
+    ] = None,
     results_dir: Annotated[Path, typer.Option("--results-dir")] = Path("results"),
     merge_into: Annotated[
         str | None,
@@ -61,7 +84,9 @@ def apply(
     semantics: Annotated[
         str | None,
         typer.Option(
-            "--semantics", help="plugin or native-0.23 (default: the result's, else plugin)."
+            "--semantics",
+            help="plugin or native-0.23: what to emit for, and with --model the result's "
+            "semantics (default: the result's, else plugin).",
         ),
     ] = None,
     fmt: Annotated[
@@ -92,8 +117,8 @@ def apply(
     elif model is not None:
         if max_num_seqs is None:
             raise ConfigError("--model needs --max-num-seqs (the concurrency the result is for)")
-        choice(quant, QUANTS, "--quant")
-        path, doc = _lookup(results_dir, model, quant, tp, dp, ep, max_num_seqs)
+        query = _query(model, quant, tp, dp, ep, hardware, sem, backend, sequence_parallel)
+        path, doc = lookup(results_dir, query, max_num_seqs)
         config, sem = _from_doc(doc, sem, str(path))
     else:
         raise ConfigError(
@@ -145,19 +170,70 @@ def _from_doc(
     return config, sem or doc["semantics"]
 
 
-def _lookup(
-    results_dir: Path, model: str, quant: str, tp: int, dp: int, ep: bool, max_num_seqs: int
-) -> tuple[Path, dict[str, Any]]:
-    """Measured results win over simulated ones; no extrapolation to untuned concurrency."""
-    found = matching_results(results_dir, model, quant, tp, dp, ep)
+def _query(
+    model: str,
+    quant: str | None,
+    tp: int,
+    dp: int,
+    ep: bool,
+    hardware: str | None,
+    semantics: str | None,
+    backend: str | None,
+    sequence_parallel: bool | None,
+) -> PointQuery:
+    """The asked operating point; a model directory is matched by its path (then its name),
+    another name not in the catalog (a directory's basename) in any quantization."""
+    if quant is not None:
+        choice(quant, QUANTS, "--quant")
+    if backend is not None:
+        choice(backend, BACKENDS, "--backend")
+    source: str | None = None
+    if Path(model).expanduser().is_dir():
+        spec = load_model(model, cast(Quant | None, quant))
+        model, quant, source = spec.name, spec.quant, spec.source
+    elif quant is None and model.lower() in catalog_names():
+        quant = "w8a8"  # as search assumes for a catalog model
+    return PointQuery(
+        model=model,
+        quant=quant,
+        tp=tp,
+        dp=dp,
+        ep=ep,
+        source=source,
+        hardware=hardware,
+        semantics=semantics,
+        backend=backend,
+        sequence_parallel=sequence_parallel,
+    )
+
+
+def lookup(results_dir: Path, query: PointQuery, max_num_seqs: int) -> tuple[Path, dict[str, Any]]:
+    """The one stored result at the point: measured ones win over simulated ones; two left at
+    the same rank is an error listing them; no extrapolation to untuned concurrency."""
+    found = matching_results(results_dir, query)
     exact = [(p, d) for p, d in found if d["max_num_seqs"] == max_num_seqs]
     if not exact:
         tuned = sorted({d["max_num_seqs"] for _, d in found})
         listing = ", ".join(map(str, tuned)) if tuned else "none"
         raise NotTuned(
-            f"max-num-seqs {max_num_seqs} was not tuned for {model} {quant} tp{tp} "
-            f"dp{dp}{' ep' if ep else ''} in {results_dir} (tuned: {listing}); "
-            "prefetch-tune does not extrapolate, run search for it"
+            f"max-num-seqs {max_num_seqs} was not tuned for {_asked(query)} in {results_dir} "
+            f"(tuned: {listing}); prefetch-tune does not extrapolate, run search for it"
         )
-    exact.sort(key=lambda pd: (pd[1]["simulated"], pd[0].name))
-    return exact[0]
+    measured = [(p, d) for p, d in exact if not d["simulated"]]
+    best = measured or exact
+    if len(best) > 1:
+        listing = "; ".join(f"{p} ({describe_point(d)})" for p, d in best)
+        raise ConfigError(
+            f"--model {query.model} --max-num-seqs {max_num_seqs}: {len(best)} stored results "
+            f"match: {listing}; narrow it with --hardware, --semantics, --backend or "
+            "--[no-]sequence-parallel, or give --result FILE"
+        )
+    return best[0]
+
+
+def _asked(q: PointQuery) -> str:
+    parts = [q.model, q.quant or "", f"tp{q.tp}", f"dp{q.dp}" + (" ep" if q.ep else "")]
+    parts += [x for x in (q.hardware, q.semantics, q.backend) if x]
+    if q.sequence_parallel is not None:
+        parts.append("sp" if q.sequence_parallel else "no sp")
+    return " ".join(p for p in parts if p)

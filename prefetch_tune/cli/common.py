@@ -11,6 +11,7 @@ from typing import Annotated, Any, TypeVar, cast
 import typer
 from rich.console import Console
 
+from prefetch_tune import numbers
 from prefetch_tune.errors import ConfigError, PrefetchTuneError
 from prefetch_tune.models import QUANTS, Layout, MiB, ModelSpec, Quant, load_model
 from prefetch_tune.prefetch import (
@@ -20,7 +21,7 @@ from prefetch_tune.prefetch import (
     parse_config_json,
     parse_set_options,
 )
-from prefetch_tune.runtime.plan import PlanOptions
+from prefetch_tune.runtime.plan import NATIVE_CAP_BYTES, PlanOptions
 
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 out_console = Console()
@@ -86,7 +87,9 @@ SeqParOpt = Annotated[
 CapOpt = Annotated[
     float,
     typer.Option(
-        "--cap-mib", help="The plugin's per-prefetch cap in MiB (native: fixed 18 on MLP paths)."
+        "--cap-mib",
+        help=f"The plugin's per-prefetch cap in MiB (native: fixed {NATIVE_CAP_BYTES / MiB:g} "
+        "on MLP paths).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
@@ -114,9 +117,10 @@ def resolve_config(sets: list[str] | None, config_json: str | None) -> PrefetchC
     return base.with_ratios(updates) if updates else base
 
 
-def resolve_options(sequence_parallel: bool, cap_mib: float) -> PlanOptions:
-    if cap_mib <= 0:
-        raise ConfigError(f"--cap-mib {cap_mib}: must be > 0")
+def resolve_options(
+    sequence_parallel: bool, cap_mib: float, name: str = "--cap-mib"
+) -> PlanOptions:
+    numbers.positive(cap_mib, name)
     return PlanOptions(
         sequence_parallel=sequence_parallel,
         cap_bytes=int(cap_mib * MiB),
@@ -124,6 +128,5 @@ def resolve_options(sequence_parallel: bool, cap_mib: float) -> PlanOptions:
 
 
 def positive(value: int, flag: str) -> int:
-    if value <= 0:
-        raise ConfigError(f"{flag} {value}: must be > 0")
+    numbers.positive(value, flag, integer=True)
     return value

@@ -29,7 +29,7 @@ from prefetch_tune.cli.common import (
     resolve_semantics,
 )
 from prefetch_tune.models import MiB
-from prefetch_tune.runtime.plan import LayerPlan, plan_layer
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB, LayerPlan, plan_layer
 
 
 @fail_on_errors
@@ -50,7 +50,7 @@ def plan(
     config_json: ConfigJsonOpt = None,
     semantics: SemanticsOpt = "plugin",
     sequence_parallel: SeqParOpt = False,
-    cap_mib: CapOpt = 18.0,
+    cap_mib: CapOpt = DEFAULT_CAP_MIB,
     as_json: JsonOpt = False,
 ) -> None:
     """Show the prefetch operations of one decoder layer: bytes, caps, start/join ops, dead knobs."""

@@ -34,6 +34,8 @@ from prefetch_tune.cli.common import (
 from prefetch_tune.cli.simulate import HardwareOpt
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import QUANTS, MiB, Quant
+from prefetch_tune.numbers import non_negative
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB
 
 VERDICT_STYLE = {"raise": "green", "keep": "cyan", "lower": "yellow", "off": "red"}
 
@@ -78,7 +80,7 @@ def profile(
         ),
     ] = None,
     sequence_parallel: SeqParOpt = False,
-    cap_mib: CapOpt = 18.0,
+    cap_mib: CapOpt = DEFAULT_CAP_MIB,
     hardware: HardwareOpt = "atlas-a2",
     calibrate_out: Annotated[
         Path | None,
@@ -107,8 +109,7 @@ def profile(
             positive(value, flag)
     if tokens is not None:
         positive(tokens, "--tokens")
-    if late_tol_us < 0:
-        raise ConfigError(f"--late-tol-us {late_tol_us}: must be >= 0")
+    non_negative(late_tol_us, "--late-tol-us")
     if calibrate_out is not None and not calibrate_out.parent.is_dir():
         raise ConfigError(
             f"--calibrate {calibrate_out}: directory {calibrate_out.parent} is missing"
@@ -125,7 +126,7 @@ def profile(
         config=resolve_config(sets, config_json) if sets or config_json else None,
         semantics=resolve_semantics(semantics) if semantics is not None else None,
         options=resolve_options(sequence_parallel, cap_mib)
-        if sequence_parallel or cap_mib != 18.0
+        if sequence_parallel or cap_mib != DEFAULT_CAP_MIB
         else None,
     )
     if choice_ is None and data.prefetch_tasks:

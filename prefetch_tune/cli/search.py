@@ -8,6 +8,7 @@ import shlex
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
@@ -17,7 +18,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from prefetch_tune import numbers
 from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
+from prefetch_tune.backends.sim import NOISE_MAX_PCT
 from prefetch_tune.cli.common import (
     choice,
     err_console,
@@ -27,8 +30,10 @@ from prefetch_tune.cli.common import (
     resolve_semantics,
 )
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.hardware import load_hardware
 from prefetch_tune.results import check_writable
-from prefetch_tune.search.settings import SAMPLERS, SearchSettings, Slo
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB
+from prefetch_tune.search.settings import SAMPLERS, SEED_MAX, SearchSettings, Slo
 from prefetch_tune.search.settings import Progress as SearchProgress
 from prefetch_tune.search.space import build_space
 from prefetch_tune.search.tuner import SearchOutcome, search_point
@@ -76,11 +81,40 @@ class RichProgress(SearchProgress):
 def _merge(ctx: typer.Context, flags: dict[str, Any], file_opts: dict[str, Any]) -> dict[str, Any]:
     """Flags given on the command line win; otherwise the tune file; otherwise the default."""
     merged = dict(flags)
-    for key, value in file_opts.items():
-        source = ctx.get_parameter_source(key)
-        if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
-            merged[key] = value
+    for key in _from_file(ctx, file_opts):
+        merged[key] = file_opts[key]
     return merged
+
+
+def _from_file(ctx: typer.Context, file_opts: dict[str, Any]) -> set[str]:
+    """The tune file's keys that no command-line flag overrides."""
+    return {
+        key
+        for key in file_opts
+        if (source := ctx.get_parameter_source(key)) is None
+        or source.name in ("DEFAULT", "DEFAULT_MAP")
+    }
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _name(key: str, from_file: set[str], config: Path | None) -> str:
+    """How to name an option in an error: the tune file's key if it came from there."""
+    return f"{config}: {key}" if key in from_file else _flag(key)
+
+
+def _check_numbers(o: dict[str, Any], name: Callable[[str], str]) -> None:
+    """Every numeric search option through `numbers` (finite, in range), named as given."""
+    numbers.positive(o["cap_mib"], name("cap_mib"))
+    numbers.number(o["noise"], name("noise"), low=0, high=NOISE_MAX_PCT)
+    numbers.number(o["seed"], name("seed"), low=0, high=SEED_MAX, integer=True)
+    numbers.number(o["tie_tolerance"], name("tie_tolerance"), low=0, high=1, high_open=True)
+    if o["timeout"] is not None:
+        numbers.positive(o["timeout"], name("timeout"))
+    for key in ("trials", "repeats", "input_len", "output_len", "tp", "dp"):
+        numbers.positive(o[key], name(key), integer=True)
 
 
 @fail_on_errors
@@ -114,7 +148,7 @@ def search(
     ] = False,
     cap_mib: Annotated[
         float, typer.Option("--cap-mib", help="The plugin's per-prefetch cap in MiB.")
-    ] = 18.0,
+    ] = DEFAULT_CAP_MIB,
     trials: Annotated[int, typer.Option("--trials", help="Trial budget per max-num-seqs.")] = 30,
     timeout: Annotated[
         float | None,
@@ -167,6 +201,14 @@ def search(
         bool,
         typer.Option("--dry-run", help="Print what would run (serve and bench commands) and exit."),
     ] = False,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            "--replace",
+            help="Store the new result even when it is less trustworthy than the stored one "
+            "(smaller budget, other objective or constraints); else it is written beside it.",
+        ),
+    ] = False,
     python: Annotated[
         str | None, typer.Option("--python", help="vllm backend: the serving environment's Python.")
     ] = None,
@@ -182,11 +224,13 @@ def search(
     """
     flags = dict(ctx.params)
     vllm_table: dict[str, Any] = {}
+    from_file: set[str] = set()
     if config is not None:
         file_opts, vllm_table = load_tune_file(config)
         flags = _merge(ctx, flags, file_opts)
-        err_console.print(f"using tune file {config}")
+        from_file = _from_file(ctx, file_opts)
     o = flags
+    _check_numbers(o, lambda key: _name(key, from_file, config))
     if not o["model"]:
         raise ConfigError("--model is required (or `model` in --config)")
     seqs = o["max_num_seqs"] or []
@@ -194,15 +238,16 @@ def search(
     if not seqs:
         raise ConfigError("--max-num-seqs is required (repeatable, or `max_num_seqs` in --config)")
     for n in seqs:
-        if not isinstance(n, int) or n <= 0:
-            raise ConfigError(f"--max-num-seqs {n}: must be a positive integer")
+        numbers.positive(n, _name("max_num_seqs", from_file, config), integer=True)
     choice(o["sampler"], SAMPLERS, "--sampler")
     slos = tuple(
-        Slo.parse(s) for s in ([o["slo"]] if isinstance(o["slo"], str) else o["slo"] or [])
+        Slo.parse(s, _name("slo", from_file, config))
+        for s in ([o["slo"]] if isinstance(o["slo"], str) else o["slo"] or [])
     )
     spec, layout = resolve_model(o["model"], o["quant"], o["tp"], o["dp"], o["ep"])
     sem = resolve_semantics(o["semantics"])
     options = resolve_options(o["sequence_parallel"], float(o["cap_mib"]))
+    load_hardware(o["hardware"])  # a bad profile fails here, before any study file exists
     settings = SearchSettings(
         results_dir=Path(o["results_dir"]),
         trials=o["trials"],
@@ -214,6 +259,7 @@ def search(
         seed=o["seed"],
         storage=o["storage"],
         tie_tolerance=float(o["tie_tolerance"]),
+        replace=bool(o["replace"]),
     )
     settings.check()
     workload = Workload(input_len=o["input_len"], output_len=o["output_len"])
@@ -237,13 +283,15 @@ def search(
         python=o["python"],
         results_dir=settings.results_dir,
     )
+    if config is not None:
+        err_console.print(f"using tune file {config}")
     if dry_run:
         _dry_run(be, points)
         return
     check_writable(settings.results_dir)
-    check_runtime = getattr(be, "check_runtime", None)
-    if check_runtime is not None:  # refuse a version/semantics mismatch before any study exists
-        check_runtime(points[0])
+    check_semantics = getattr(be, "check_semantics", None)
+    if check_semantics is not None:  # refuse a version/semantics mismatch before any study exists
+        check_semantics(points[0])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     outcomes = _run(points, be, settings)
     _report(outcomes, be.measured, settings, as_json)
@@ -351,12 +399,28 @@ def _report(
         if out.path is not None:
             if not as_json:
                 typer.echo(str(out.path))
+            _say_stored(out)
             if out.moved_damaged is not None:
                 err_console.print(
                     f"[yellow]a damaged result file was kept aside as {out.moved_damaged}[/]"
                 )
         for note in out.notes:
             err_console.print(f"note (max-num-seqs {out.point.max_num_seqs}): {note}")
+
+
+def _say_stored(out: SearchOutcome) -> None:
+    """Which result `apply` will use for the point, when that is not simply the new one."""
+    st = out.stored
+    if st is None:
+        return
+    if st.beside:
+        err_console.print(
+            f"kept {st.used}: `apply` uses it, as {st.reason}; the new result is beside it "
+            f"in {st.written} (`apply --result` it, or rerun with --replace to store it)",
+            markup=False,
+        )
+    elif st.reason == "--replace":
+        err_console.print(f"replaced {st.used} (--replace)", markup=False)
 
 
 def _pct(cmp: dict[str, Any]) -> str:

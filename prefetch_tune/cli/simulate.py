@@ -33,6 +33,7 @@ from prefetch_tune.cli.common import (
 )
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.hardware import load_hardware
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB
 
 HardwareOpt = Annotated[
     str, typer.Option("--hardware", help="Built-in profile (atlas-a2, atlas-a3) or a .toml file.")
@@ -60,7 +61,7 @@ def simulate(
     config_json: ConfigJsonOpt = None,
     semantics: SemanticsOpt = "plugin",
     sequence_parallel: SeqParOpt = False,
-    cap_mib: CapOpt = 18.0,
+    cap_mib: CapOpt = DEFAULT_CAP_MIB,
     hardware: HardwareOpt = "atlas-a2",
     input_len: InputLenOpt = 3500,
     output_len: OutputLenOpt = 1500,

@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 import math
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from prefetch_tune.errors import ConfigError
+from prefetch_tune.paths import check_output_file
 from prefetch_tune.regress.outcomes import Check, PointOutcome, SweepReport
 from prefetch_tune.results import atomic_write
 
 
 def check_output_path(path: Path, flag: str) -> None:
-    """Fail early (exit 2) when an output file cannot be written."""
-    if path.is_dir():
-        raise ConfigError(f"{flag} {path}: is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.probe-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"{flag} {path}: not writable ({exc.strerror or exc})") from None
+    """Fail early (exit 2) when an output file cannot be written (see `paths`)."""
+    check_output_file(path, flag)
 
 
 def _fmt(value: float | None, spec: str = ",.2f") -> str:

@@ -28,6 +28,7 @@ from prefetch_tune.backends.base import (
     get_backend,
 )
 from prefetch_tune.errors import ConfigError
+from prefetch_tune.numbers import non_negative
 from prefetch_tune.prefetch import PrefetchConfig, parse_weight_prefetch_config
 from prefetch_tune.regress.judging import evaluate
 from prefetch_tune.regress.outcomes import PointOutcome, SweepReport
@@ -82,8 +83,7 @@ def run_sweep(
     stop = stop or threading.Event()
     tolerance = opts.tolerance if opts.tolerance is not None else plan.tolerance
     tolerance = DEFAULT_TOLERANCE_PCT if tolerance is None else tolerance
-    if tolerance < 0:
-        raise ConfigError(f"--tolerance {tolerance}: must be >= 0 (percent)")
+    non_negative(tolerance, "--tolerance")
     repeats = opts.repeats if opts.repeats is not None else plan.repeats
     if repeats is not None and repeats <= 0:
         raise ConfigError(f"--repeats {repeats}: must be > 0")

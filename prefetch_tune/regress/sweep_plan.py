@@ -13,9 +13,10 @@ from typing import Any, cast
 from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.models import Layout, MiB, ModelSpec, Quant, load_model
+from prefetch_tune.numbers import non_negative, positive
 from prefetch_tune.prefetch import SEMANTICS, Semantics
 from prefetch_tune.results import iter_results, result_path
-from prefetch_tune.runtime.plan import PlanOptions
+from prefetch_tune.runtime.plan import DEFAULT_CAP_MIB, PlanOptions
 from prefetch_tune.tuneconfig import check_keys, read_toml
 
 DEFAULT_TOLERANCE_PCT = 2.0
@@ -57,7 +58,7 @@ class PlanPoint:
     hardware: str = "atlas-a2"
     semantics: Semantics = "plugin"
     sequence_parallel: bool = False
-    cap_mib: float = 18.0
+    cap_mib: float = DEFAULT_CAP_MIB
     input_len: int | None = None
     output_len: int | None = None
     backend: str | None = None
@@ -99,13 +100,9 @@ def load_plan(path: Path) -> Plan:
         vllm=dict(doc.get("vllm", {})),
     )
     if "tolerance" in doc:
-        plan.tolerance = float(doc["tolerance"])
-        if plan.tolerance < 0:
-            raise ConfigError(f"{path}: tolerance {plan.tolerance}: must be >= 0 (percent)")
+        plan.tolerance = non_negative(doc["tolerance"], f"{path}: tolerance")
     if "repeats" in doc:
-        plan.repeats = int(doc["repeats"])
-        if plan.repeats <= 0:
-            raise ConfigError(f"{path}: repeats {plan.repeats}: must be > 0")
+        plan.repeats = int(positive(doc["repeats"], f"{path}: repeats", integer=True))
     for i, raw in enumerate(doc.get("point", []), start=1):
         where = f"{path}: [[point]] {i}"
         if not isinstance(raw, dict):
@@ -134,11 +131,9 @@ def _plan_points(raw: dict[str, Any], where: str) -> list[PlanPoint]:
             f"{where}: semantics {semantics!r}: expected one of {', '.join(SEMANTICS)}"
         )
     for key in ("input_len", "output_len", "tp", "dp"):
-        if key in raw and raw[key] <= 0:
-            raise ConfigError(f"{where}: {key} {raw[key]}: must be > 0")
-    cap = float(raw.get("cap_mib", 18.0))
-    if cap <= 0:
-        raise ConfigError(f"{where}: cap_mib {cap}: must be > 0")
+        if key in raw:
+            positive(raw[key], f"{where}: {key}", integer=True)
+    cap = positive(raw.get("cap_mib", DEFAULT_CAP_MIB), f"{where}: cap_mib")
     try:
         spec = load_model(str(raw["model"]), cast(Quant | None, quant))
         layout = Layout(
@@ -184,7 +179,7 @@ def point_from_result(path: Path, doc: dict[str, Any]) -> PlanPoint:
             hardware=str(doc["hardware"]),
             semantics=cast(Semantics, doc["semantics"]),
             sequence_parallel=bool(doc.get("sequence_parallel", False)),
-            cap_mib=float(doc.get("cap_mib", 18.0)),
+            cap_mib=float(doc.get("cap_mib", DEFAULT_CAP_MIB)),
             input_len=wl.get("input_len"),
             output_len=wl.get("output_len"),
             backend=str(doc["backend"]),

@@ -28,8 +28,8 @@ from prefetch_tune.runtime.versions import (
     ENTRY_POINT_VALUE,
     MLP_ENV,
     NATIVE_MODULE,
-    Verdict,
-    classify,
+    RuntimeVerdict,
+    classify_runtime,
     entry_point,
     mlp_env_problem,
     probe_request,
@@ -61,7 +61,7 @@ class RuntimeCheck:
     python: str
     python_version: str | None
     versions: dict[str, str | None]
-    verdict: Verdict
+    verdict: RuntimeVerdict
     reason: str
     native_module: bool
     entry_point: str | None  # value of prefetch-tune's entry point there; None: not visible
@@ -115,7 +115,7 @@ def evaluate(facts: dict[str, Any]) -> RuntimeCheck:
     ascend_version = versions.get("vllm-ascend")
     native_module = bool(facts.get("native_module"))
     importable = bool(facts.get("vllm_ascend_importable")) or ascend_version is not None
-    verdict, reason = classify(ascend_version, native_module, importable)
+    verdict, reason = classify_runtime(ascend_version, native_module, importable)
     plugin_entry = entry_point(facts)
     hook_facts: dict[str, str] = dict(facts.get("hooks") or {})
     hooks = tuple(

@@ -27,7 +27,8 @@ from typing import Any
 from prefetch_tune.models import Layout, MiB, ModelSpec
 from prefetch_tune.prefetch import KNOBS, MODULE_KNOBS, PrefetchConfig, Semantics, module_of
 
-DEFAULT_CAP_BYTES = 18 * MiB  # vLLM-Ascend's MAX_PREFETCH_WEIGHT_SIZE
+DEFAULT_CAP_MIB = 18.0  # vLLM-Ascend's MAX_PREFETCH_WEIGHT_SIZE
+DEFAULT_CAP_BYTES = int(DEFAULT_CAP_MIB * MiB)
 NATIVE_CAP_BYTES = DEFAULT_CAP_BYTES  # a constant in v0.23.0: `cap_bytes` does not change it
 MLP_TOKEN_LIMIT = 500  # MLP prefetch only when a forward has fewer tokens than this
 MOE_TOKEN_MIN = 96  # MoE prefetch only when a forward has at least this many tokens

@@ -48,8 +48,8 @@ from prefetch_tune.runtime.versions import (
     ENTRY_POINT_NAME,
     ENTRY_POINT_VALUE,
     NATIVE_MODULE,
-    Verdict,
-    classify,
+    RuntimeVerdict,
+    classify_runtime,
     dist_version,
     parse_version,
     probe,
@@ -78,7 +78,7 @@ class AscendInfo:
     importable: bool
     version: str | None
     native_module: bool
-    verdict: Verdict
+    verdict: RuntimeVerdict
     reason: str
 
 
@@ -88,7 +88,7 @@ def detect_ascend() -> AscendInfo:
     importable = bool(facts["vllm_ascend_importable"])
     version = facts["versions"]["vllm-ascend"] if importable else None
     native = importable and bool(facts["native_module"])
-    verdict, reason = classify(version, native, importable)
+    verdict, reason = classify_runtime(version, native, importable)
     return AscendInfo(importable, version, native, verdict, reason)
 
 
@@ -584,10 +584,10 @@ __all__ = [  # the version rule and the entry point's identity are re-exported f
     "WORKER_MODULE",
     "AscendInfo",
     "PluginStatus",
-    "Verdict",
+    "RuntimeVerdict",
     "activate",
     "announce",
-    "classify",
+    "classify_runtime",
     "detect_ascend",
     "dist_version",
     "installed_report",

@@ -1,6 +1,6 @@
 """Which prefetch runtime a vLLM-Ascend has, and the probe that finds out: the one place for both.
 
-The rule (see reference/vllm-ascend-prefetch.md §1), by vLLM-Ascend version:
+The rule (docs/design.md section 4), by vLLM-Ascend version:
 
 * before v0.11.0rc1: no `weight_prefetch_config` at all;
 * v0.11.0rc1 .. v0.14.x: native, but only the `attn` and `moe` ratios (MLP prefetch is two
@@ -47,7 +47,7 @@ FIRST_NATIVE_MLP = "0.15.0rc1"  # the mlp knobs move into weight_prefetch_config
 FIRST_WITHOUT_MLP_ENV = "0.18.0rc1"  # the deprecated MLP env vars are dropped (#7357)
 FIRST_WITHOUT_NATIVE = "0.24.0rc1"  # weight prefetch removed (#11949)
 
-Verdict = Literal["absent", "unsupported", "native", "plugin"]
+RuntimeVerdict = Literal["absent", "unsupported", "native", "plugin"]
 SEMANTICS: dict[str, Semantics] = {"native": "native-0.23", "plugin": "plugin"}
 
 # ------------------------------------------------------------------------------------ versions
@@ -106,12 +106,12 @@ def _is_dev_build(version: str) -> bool:
     return "dev" in version or "+" in version
 
 
-def classify(
+def classify_runtime(
     version: str | None,
     native_module: bool | None,
     importable: bool = True,
     what: str = "vllm-ascend",
-) -> tuple[Verdict, str]:
+) -> tuple[RuntimeVerdict, str]:
     """Which runtime serves `weight_prefetch_config` for this vLLM-Ascend, and why.
 
     `native_module`: whether `vllm_ascend.ops.weight_prefetch` exists (None: not known, then the
@@ -157,10 +157,10 @@ def classify(
 def runtime_for(
     version: str, what: str = "vllm-ascend", native_module: bool | None = None
 ) -> tuple[Semantics, str]:
-    """The semantics `classify` gives this version, and why; ConfigError when it is refused."""
+    """The semantics `classify_runtime` gives this version, and why; ConfigError when it is refused."""
     if parse_version(version) is None:
         raise ConfigError(f"{what} {version!r} is not a version prefetch-tune can read")
-    verdict, reason = classify(version, native_module, what=what)
+    verdict, reason = classify_runtime(version, native_module, what=what)
     if verdict not in SEMANTICS:
         raise ConfigError(f"{reason}: upgrade the serving environment")
     return SEMANTICS[verdict], reason
@@ -368,9 +368,9 @@ __all__ = [
     "NATIVE_MODULE",
     "PROBE_MARK",
     "SEMANTICS",
-    "Verdict",
+    "RuntimeVerdict",
     "VersionKey",
-    "classify",
+    "classify_runtime",
     "dist_version",
     "entry_point",
     "mlp_env_problem",

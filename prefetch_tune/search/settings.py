@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from prefetch_tune import numbers
 from prefetch_tune.backends.base import COUNT_METRICS, LOWER_IS_BETTER, Metrics
 from prefetch_tune.errors import ConfigError
 
 SAMPLERS = ("tpe", "gp", "random", "grid")
+SEED_MAX = 2**32 - 1  # numpy's seed range, which Optuna's samplers pass the seed to
 
-# Numeric metrics of `vllm bench serve`'s saved JSON (DESIGN.md 3.2); latencies with any
+# Numeric metrics of `vllm bench serve`'s saved JSON (docs/design.md section 2); latencies with any
 # --metric-percentiles. Checked before a study is touched, so a typo is exit 2, not a bad trial.
 BENCH_METRICS = (
     frozenset(
@@ -51,16 +53,17 @@ class Slo:
     bound: float
 
     @classmethod
-    def parse(cls, text: str) -> Slo:
+    def parse(cls, text: str, flag: str = "--slo") -> Slo:
         m = re.fullmatch(r"\s*([A-Za-z0-9_.]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*", text)
         if not m:
             raise ConfigError(
-                f"--slo {text}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. p99_tpot_ms<=50"
+                f"{flag} {text}: expected METRIC<=VALUE or METRIC>=VALUE, e.g. p99_tpot_ms<=50"
             )
         try:
             bound = float(m.group(3))
         except ValueError:
-            raise ConfigError(f"--slo {text}: {m.group(3)!r} is not a number") from None
+            raise ConfigError(f"{flag} {text}: {m.group(3)!r} is not a number") from None
+        numbers.number(bound, f"{flag} {text}: bound")
         op: Literal["<=", ">="] = "<=" if m.group(2) == "<=" else ">="
         return cls(m.group(1), op, bound)
 
@@ -91,18 +94,17 @@ class SearchSettings:
     finalists: int = 3
     tie_tolerance: float = 0.01
     max_rel_mad: float = 0.10
+    replace: bool = False  # a stored result gives way even to a less trustworthy one
 
     def check(self) -> None:
-        if self.trials <= 0:
-            raise ConfigError(f"--trials {self.trials}: must be > 0")
-        if self.repeats <= 0:
-            raise ConfigError(f"--repeats {self.repeats}: must be > 0")
+        numbers.positive(self.trials, "--trials", integer=True)
+        numbers.positive(self.repeats, "--repeats", integer=True)
+        numbers.number(self.seed, "--seed", low=0, high=SEED_MAX, integer=True)
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ConfigError(f"--timeout {self.timeout}: must be > 0")
-        if not 0 <= self.tie_tolerance < 1:
-            raise ConfigError(f"--tie-tolerance {self.tie_tolerance}: must be in [0, 1)")
+        if self.timeout is not None:
+            numbers.positive(self.timeout, "--timeout")
+        numbers.number(self.tie_tolerance, "--tie-tolerance", low=0, high=1, high_open=True)
         check_metric(self.objective, "--objective")
         for slo in self.slos:
             check_metric(slo.metric, f"--slo {slo}:")

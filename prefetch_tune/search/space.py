@@ -20,8 +20,8 @@ from prefetch_tune.runtime.plan import flat_above, live_knobs, plan_layer
 KEY_GRANULARITY = 256 * 1024
 
 # Each knob's sampling range starts at -OFF_ZONE x its bound; anything <= 0 means "this knob off".
-# A prefetch too small to pay for its issue and sync costs is worse than none (DESIGN.md 4,
-# property 3), so optima often have some knobs exactly off (Qwen3-32B TP4 at max-num-seqs 8:
+# A prefetch too small to pay for its issue and sync costs is worse than none (docs/design.md
+# section 3, property 3), so optima often have some knobs exactly off (Qwen3-32B TP4 at max-num-seqs 8:
 # mlp.gate_up alone). A continuous [0, bound] range almost never samples an exact 0.
 OFF_ZONE = 0.75
 # ... and ends at (1 + FLAT_ZONE) x its bound; anything above the bound is the bound (the cap, or

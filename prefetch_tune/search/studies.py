@@ -7,7 +7,6 @@ import importlib.util
 import logging
 import os
 import socket
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -18,6 +17,7 @@ from prefetch_tune.errors import ConfigError
 from prefetch_tune.results import point_slug
 from prefetch_tune.search.settings import SearchSettings
 from prefetch_tune.search.space import SearchSpace
+from prefetch_tune.search.storage import open_journal, open_url
 
 log = logging.getLogger(__name__)
 
@@ -30,21 +30,11 @@ def study_name(point: OperatingPoint, backend: str) -> str:
 
 
 def storage_for(settings: SearchSettings, name: str) -> tuple[optuna.storages.BaseStorage, str]:
-    """The study's storage: the given URL, or a journal file under the results directory."""
+    """The study's storage: the given URL, or a journal file under the results directory (both
+    opened by `storage`: absolute paths, an owner-aware lock, damage checked first)."""
     if settings.storage:
-        url = settings.storage
-        try:
-            return optuna.storages.get_storage(url), url
-        except Exception as exc:
-            raise ConfigError(
-                f"--storage {url}: cannot open ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''})"
-            ) from None
-    path = settings.results_dir / "studies" / f"{name}.journal"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path))), str(path)
+        return open_url(settings.storage)
+    return open_journal(settings.results_dir / "studies" / f"{name}.journal")
 
 
 def make_sampler(settings: SearchSettings, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -99,8 +89,7 @@ def _pid_alive(pid: int) -> bool:
 # Every search on a journal holds a shared flock on `<journal>.users` while it runs (the kernel
 # drops it when the process dies, even by SIGKILL). A search that gets it exclusively is the only
 # live one on this host: every RUNNING trial there is an orphan, including one killed between its
-# creation and its owner tag, and a journal lock file left by a killed writer is stale (Optuna's
-# file locks would otherwise stall the next run for their 30 s grace period).
+# creation and its owner tag. (A lock left by a killed writer is broken by `storage`.)
 _JOURNAL_USERS: dict[str, int] = {}
 
 
@@ -117,22 +106,9 @@ def claim_journal(path: str) -> bool:
         alone = True
     except BlockingIOError:
         alone = False
-    if alone:
-        Path(f"{path}.lock").unlink(missing_ok=True)  # JournalFileSymlinkLock of a killed run
-        _drop_torn_tail(Path(path))
     fcntl.flock(fd, fcntl.LOCK_SH)
     _JOURNAL_USERS[path] = fd
     return alone
-
-
-def _drop_torn_tail(path: Path) -> None:
-    """Cut a half-written last record (a writer killed mid-append); Optuna would refuse to read
-    the journal once another record follows it."""
-    data = path.read_bytes() if path.exists() else b""
-    if data and not data.endswith(b"\n"):
-        with path.open("rb+") as fh:
-            fh.truncate(data.rfind(b"\n") + 1)
-        log.warning("%s: dropped a half-written last record of a killed run", path)
 
 
 def release_journal(path: str) -> None:

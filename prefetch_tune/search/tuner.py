@@ -28,13 +28,14 @@ from prefetch_tune.errors import BackendError, ConfigError
 from prefetch_tune.models import MiB
 from prefetch_tune.prefetch import PrefetchConfig, emit, parse_weight_prefetch_config
 from prefetch_tune.results import (
+    Stored,
     atomic_write,
     iter_results,
     load_result,
     point_slug,
     result_path,
+    store_result,
     trials_path,
-    write_result,
 )
 from prefetch_tune.search.selection import Candidate, choose_winner, compare, remeasure
 from prefetch_tune.search.settings import Progress, SearchSettings
@@ -68,6 +69,7 @@ class SearchOutcome:
     study_name: str
     storage: str
     moved_damaged: Path | None = None
+    stored: Stored | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -323,6 +325,7 @@ def search_point(
     stop = stop or threading.Event()
     space = build_space(point)
     name = study_name(point, backend.name)
+    sampler = make_sampler(settings, space)  # may refuse (exit 2): before any study file exists
     storage, storage_label = storage_for(settings, name)
     alone = not settings.storage and claim_journal(storage_label)
     direction: Literal["minimize", "maximize"] = "minimize" if settings.minimize else "maximize"
@@ -330,7 +333,7 @@ def search_point(
         study_name=name,
         storage=storage,
         direction=direction,
-        sampler=make_sampler(settings, space),
+        sampler=sampler,
         load_if_exists=True,
     )
     if study.direction.name.lower() != direction:
@@ -374,10 +377,12 @@ def search_point(
         return outcome
     winner, notes = choose_winner(cands, point, settings)
     doc = build_result(point, backend, settings, space, study, storage_label, cands, winner, notes)
-    outcome.moved_damaged = write_result(path, doc)
+    outcome.stored = store_result(path, doc, settings.replace)
+    outcome.moved_damaged = outcome.stored.moved_damaged
     csv = trials_path(settings.results_dir, point, backend.name)
     write_trials_csv(study, space, csv)
-    outcome.result, outcome.path, outcome.trials_csv, outcome.notes = doc, path, csv, notes
+    outcome.result, outcome.trials_csv, outcome.notes = doc, csv, notes
+    outcome.path = outcome.stored.written
     release_journal(storage_label)
     return outcome
 
@@ -409,7 +414,7 @@ def build_result(
     winner: Candidate,
     notes: list[str],
 ) -> dict[str, Any]:
-    """The result document of DESIGN.md 3.1."""
+    """The result document (docs/design.md section 1)."""
     off = next(c for c in cands if c.label == "off")
     default = next(c for c in cands if c.label == "default")
     emission = emit(winner.config, point.semantics)
