@@ -7,6 +7,7 @@ import importlib.util
 import logging
 import os
 import socket
+import warnings
 from typing import Any
 
 import optuna
@@ -154,7 +155,9 @@ def describe_study(study: optuna.Study, space: SearchSpace, settings: SearchSett
     """Name the objective and record each knob's flat-above ratio, so optuna-dashboard (and the
     report) show metric names and ratios instead of "Objective 0" and sampling coordinates."""
     if list(study.metric_names or []) != [settings.objective]:
-        study.set_metric_names([settings.objective])
+        with warnings.catch_warnings():  # experimental since 3.2, stable in use; not a user issue
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([settings.objective])
     flat = {k: (None if space.bound(k) >= 1.0 else space.bound(k)) for k in space.knobs}
     wanted: dict[str, Any] = {
         "objective": settings.objective,
