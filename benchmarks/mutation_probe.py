@@ -54,9 +54,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     M(
         "selection: drop the 'not significant -> off' fallback",
         "search/selection.py",
-        'notes.append("nothing beat off beyond the noise; the winner is off")\n'
-        "            winner = off\n",
-        'notes.append("nothing beat off beyond the noise; the winner is off")\n',
+        "pool = [c for c in ok if interval(c, off, settings.minimize).significant]",
+        "pool = list(ok)",
         T_SEL,
     ),
     M(

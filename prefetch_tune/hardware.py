@@ -1,17 +1,20 @@
 """Hardware profiles: per vLLM rank (a chip on Atlas A2, a die on A3), every number with provenance.
 
 A profile is a TOML file (`configs/hardware/<name>.toml` or a user's own path). Each field is a
-table `{value, unit, kind, source}` where kind is published / derived / estimated / fitted;
-estimated fields are what calibration adjusts, and `[calibration]` records what was fitted to what.
+table `{value, unit, kind, source, range, range_why}` where kind is published / derived /
+estimated / fitted and `range = [low, high]` is what the field's mechanism allows (the bound and
+why sit next to the provenance). A value outside its range is a profile error, so calibration can
+move estimated fields only inside their mechanisms; `[calibration]` records what was set how.
 """
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.numbers import non_negative
@@ -26,6 +29,7 @@ class HardwareProfile:
 
     name: str
     l2_bytes: float  # L2 cache size per rank
+    hbm_bytes: float  # HBM capacity per rank (weights + KV cache must fit)
     hbm_bw: float  # HBM bandwidth a streaming kernel achieves
     l2_bw: float  # L2 read bandwidth for a matmul whose weights are L2-resident
     vector_bw_fraction: float  # share of hbm_bw a vector op (norm, quant, SwiGlu) achieves
@@ -41,23 +45,54 @@ class HardwareProfile:
     link_latency_us: float  # fixed latency per collective
     step_overhead_us: float  # per decode step outside the layers (sampling, scheduling)
     source: str = ""
+    # Per numeric field, the (low, high) its mechanism allows (from the profile's `range`).
+    ranges: tuple[tuple[str, float, float], ...] = field(default=(), compare=False)
 
     @property
     def vector_bw(self) -> float:
         return self.hbm_bw * self.vector_bw_fraction
 
+    def allowed(self, key: str) -> tuple[float, float]:
+        """The range the field's mechanism allows, as the profile documents it."""
+        for name, low, high in self.ranges:
+            if name == key:
+                return low, high
+        raise KeyError(key)
 
-_NUMERIC = [f.name for f in fields(HardwareProfile) if f.name not in ("name", "source")]
+
+_NUMERIC = [f.name for f in fields(HardwareProfile) if f.name not in ("name", "source", "ranges")]
 
 
-def _field(doc: dict[str, Any], key: str, where: str) -> float:
+def _number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _range(entry: dict[str, Any], key: str, where: str) -> tuple[float, float]:
+    bounds = entry.get("range")
+    if not (
+        isinstance(bounds, list)
+        and len(bounds) == 2
+        and all(_number(b) for b in bounds)
+        and 0 <= bounds[0] <= bounds[1]
+    ):
+        raise ConfigError(
+            f"{where}: field {key}.range must be [low, high] with 0 <= low <= high "
+            f"(the values its mechanism allows; got {bounds!r})"
+        )
+    why = entry.get("range_why")
+    if not isinstance(why, str) or not why.strip():
+        raise ConfigError(f"{where}: field {key}.range_why must say why the range is what it is")
+    return float(bounds[0]), float(bounds[1])
+
+
+def _field(doc: dict[str, Any], key: str, where: str) -> tuple[float, float, float]:
+    """(value, low, high) of one numeric field, checked against its documented range."""
     entry = doc.get(key)
     if entry is None:
         raise ConfigError(f"{where}: field {key} is missing")
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: field {key} must be a table with value, unit, kind, source")
-    value = entry.get("value")
-    number = non_negative(value, f"{where}: field {key}.value")
+    value = non_negative(entry.get("value"), f"{where}: field {key}.value")
     if entry.get("kind") not in KINDS:
         raise ConfigError(
             f"{where}: field {key}.kind must be one of {', '.join(KINDS)} "
@@ -65,7 +100,13 @@ def _field(doc: dict[str, Any], key: str, where: str) -> float:
         )
     if not isinstance(entry.get("source"), str) or not entry["source"].strip():
         raise ConfigError(f"{where}: field {key}.source must say where the number comes from")
-    return number
+    low, high = _range(entry, key, where)
+    if not low <= value <= high:
+        raise ConfigError(
+            f"{where}: field {key}.value {value:g} is outside its allowed range "
+            f"[{low:g}, {high:g}] ({entry['range_why'].strip()})"
+        )
+    return value, low, high
 
 
 def parse_profile(doc: dict[str, Any], where: str) -> HardwareProfile:
@@ -76,13 +117,23 @@ def parse_profile(doc: dict[str, Any], where: str) -> HardwareProfile:
     name = doc.get("name")
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{where}: field name is missing")
-    values = {key: _field(doc, key, where) for key in _NUMERIC}
+    checked = {key: _field(doc, key, where) for key in _NUMERIC}
+    values = {key: v[0] for key, v in checked.items()}
     for key in ("hbm_bw", "l2_bw", "prefetch_bw", "cube_int8_ops", "cube_bf16_flops", "link_bw"):
         if values[key] <= 0:
             raise ConfigError(f"{where}: field {key}.value must be > 0")
     if not 0 < values["vector_bw_fraction"] <= 1:
         raise ConfigError(f"{where}: field vector_bw_fraction.value must be in (0, 1]")
-    return HardwareProfile(name=name, source=where, **values)
+    if values["prefetch_bw"] > values["hbm_bw"]:
+        raise ConfigError(
+            f"{where}: field prefetch_bw.value must not exceed hbm_bw (a fill reads HBM)"
+        )
+    if values["l2_bw"] <= values["hbm_bw"]:
+        raise ConfigError(
+            f"{where}: field l2_bw.value must exceed hbm_bw (else L2 hits save nothing)"
+        )
+    ranges = tuple((key, v[1], v[2]) for key, v in checked.items())
+    return HardwareProfile(name=name, source=where, ranges=ranges, **values)
 
 
 def builtin_profiles() -> list[str]:

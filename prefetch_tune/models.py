@@ -135,6 +135,19 @@ class ModelSpec:
             out["down_proj"] = inter * self.hidden * b
         return out
 
+    def rank_weight_bytes(self, layout: Layout) -> int:
+        """Per-rank bytes of every weight the rank holds: all decoder layers, the MoE router,
+        the embedding and lm_head (bf16, vocab-parallel over TP in vLLM). Norms are negligible."""
+        per_layer = sum(self.weight_bytes(layout).values())
+        if self.is_moe:
+            per_layer += self.hidden * self.experts * 2  # router gate, bf16, replicated
+        vocab = 2 * self.vocab * self.hidden * 2 // layout.tp  # embedding + lm_head, bf16
+        return per_layer * self.layers + vocab
+
+    def kv_bytes_per_token(self, layout: Layout) -> int:
+        """Per-rank KV-cache bytes of one token over all layers (K and V, bf16)."""
+        return self.layers * 2 * self.kv_heads_per_rank(layout) * self.head_dim * 2
+
     def summary(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -35,10 +35,11 @@ SEARCH_KEYS: dict[str, tuple[type, ...]] = {
     "seed": (int,),
     "noise": (int, float),
     "storage": (str,),
+    "heartbeat": (int,),
     "results_dir": (str,),
     "input_len": (int,),
     "output_len": (int,),
-    "tie_tolerance": (int, float),
+    "max_repeats": (int,),
 }
 
 

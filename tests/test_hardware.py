@@ -24,7 +24,7 @@ from prefetch_tune.hardware import (
 from prefetch_tune.resources import configs_dir
 
 BUILTIN = ("atlas-a2", "atlas-a3")
-NUMERIC = [f.name for f in fields(HardwareProfile) if f.name not in ("name", "source")]
+NUMERIC = [f.name for f in fields(HardwareProfile) if f.name not in ("name", "source", "ranges")]
 MIB = 1048576
 SIMULATE = ("simulate", "-m", "qwen3-32b", "--tp", "4", "--max-num-seqs", "72")
 
@@ -76,7 +76,7 @@ def test_every_field_carries_value_unit_kind_source(name: str) -> None:
     assert tables == set(NUMERIC)  # no field missing, none the model ignores
     for key in NUMERIC:
         entry = doc[key]
-        assert set(entry) == {"value", "unit", "kind", "source"}, key
+        assert set(entry) == {"value", "unit", "kind", "source", "range", "range_why"}, key
         assert isinstance(entry["value"], int | float) and not isinstance(entry["value"], bool)
         assert entry["value"] >= 0, key
         assert isinstance(entry["unit"], str) and entry["unit"].strip(), key
@@ -110,6 +110,7 @@ def test_calibrated_fields_are_estimates(name: str) -> None:
 def test_profile_numbers_are_physically_ordered(name: str) -> None:
     hw = load_hardware(name)
     assert hw.l2_bytes == 192 * MIB  # published (CANN platform ini, per rank)
+    assert hw.hbm_bytes == 64 * 1024 * MIB  # published (ini memory_size, per rank)
     assert hw.l2_bw > hw.hbm_bw  # L2 hits are worth something
     assert hw.prefetch_bw <= hw.hbm_bw  # a fill reads HBM
     assert hw.prefetch_bw < hw.l2_bw  # a matmul can catch up with a running fill
@@ -117,6 +118,100 @@ def test_profile_numbers_are_physically_ordered(name: str) -> None:
     assert hw.cube_int8_ops == pytest.approx(2 * hw.cube_bf16_flops, rel=0.05)
     assert 0 < hw.vector_bw_fraction <= 1
     assert 0 <= hw.prefetch_contention <= 1
+
+
+# ---------------------------------------------------------------- ranges from the mechanisms
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_shipped_values_lie_inside_their_documented_ranges(name: str) -> None:
+    """Read from the file itself (not through the loader): a shipped value outside the range
+    its own profile documents fails here."""
+    doc = raw(name)
+    for key in NUMERIC:
+        low, high = doc[key]["range"]
+        assert low <= doc[key]["value"] <= high, (key, doc[key]["value"], (low, high))
+        assert len(doc[key]["range_why"].strip()) >= 20, key
+    hw = load_hardware(name)
+    assert {k for k, _, _ in hw.ranges} == set(NUMERIC)
+    for key in NUMERIC:
+        assert hw.allowed(key) == tuple(float(b) for b in doc[key]["range"]), key
+
+
+# Bounds the mechanisms themselves impose (docs/model.md): a profile may narrow a range, never
+# widen it past these, so no range can be stretched until a property holds.
+MECHANISM_BOUNDS = {
+    "mte_interference": (0.0, 1.0),  # 1 = cube and memory fully serialised at the ridge point
+    "prefetch_contention": (0.0, 1.0),  # a share of the fill's own bandwidth
+    "vector_bw_fraction": (0.5, 0.7),  # reference 5.3
+    "kernel_overhead_us": (3.0, 5.0),  # graph mode, reference 5.3
+    "prefetch_bw": (0.2e12, 0.5e12),  # the pto-isa measurement 0.31-0.32e12, +-50%
+    "hbm_bw": (1.0e12, 1.6e12),  # physical HBM bandwidth per rank
+}
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+@pytest.mark.parametrize("key", sorted(MECHANISM_BOUNDS))
+def test_documented_ranges_stay_inside_the_mechanism(name: str, key: str) -> None:
+    low, high = load_hardware(name).allowed(key)
+    floor, ceiling = MECHANISM_BOUNDS[key]
+    assert floor <= low <= high <= ceiling, (key, (low, high), (floor, ceiling))
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_prefetch_range_never_exceeds_the_hbm_it_reads(name: str) -> None:
+    hw = load_hardware(name)
+    assert hw.allowed("prefetch_bw")[1] <= hw.allowed("hbm_bw")[0]
+    assert hw.allowed("l2_bw")[0] > hw.allowed("hbm_bw")[1]
+
+
+OUTSIDE = [(key, "above") for key in NUMERIC] + [
+    (key, "below") for key in NUMERIC if raw("atlas-a2")[key]["range"][0] > 0
+]  # a range starting at 0 has no "below" but negatives, rejected on their own (CHANGES)
+
+
+@pytest.mark.parametrize(("key", "side"), OUTSIDE)
+def test_a_value_outside_its_range_is_a_profile_error_naming_the_key(key: str, side: str) -> None:
+    doc = raw("atlas-a2")
+    low, high = doc[key]["range"]
+    doc[key]["value"] = low * 0.9 if side == "below" else high * 1.1 + 1e-3
+    with pytest.raises(ConfigError, match=rf"field {key}\.value .* outside its allowed range"):
+        parse_profile(doc, "mine.toml")
+
+
+def test_simulate_with_a_value_outside_its_range_exits_2(tmp_path: Path) -> None:
+    doc = raw("atlas-a2")
+    doc["mte_interference"]["value"] = 1.5  # past full serialisation
+    path = write_profile(tmp_path, doc)
+    line = assert_bad_input(run(*SIMULATE, "--hardware", str(path)), "mte_interference", "range")
+    assert "[0, 1]" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda e: e.pop("range"), "range"),
+        (lambda e: e.update(range=[1.0]), "range"),
+        (lambda e: e.update(range=[2.0, 1.0]), "range"),
+        (lambda e: e.update(range=["a", 1.0]), "range"),
+        (lambda e: e.pop("range_why"), "range_why"),
+        (lambda e: e.update(range_why=" "), "range_why"),
+    ],
+    ids=["no-range", "one-bound", "reversed", "string-bound", "no-why", "blank-why"],
+)
+def test_malformed_range_names_the_field(change: Any, needle: str) -> None:
+    doc = raw("atlas-a2")
+    change(doc["stream_sync_us"])
+    with pytest.raises(ConfigError, match=rf"stream_sync_us\.{needle}"):
+        parse_profile(doc, "mine.toml")
+
+
+def test_a_fill_faster_than_hbm_is_a_profile_error() -> None:
+    doc = raw("atlas-a2")
+    doc["hbm_bw"]["range"] = [0.1e12, 1.6e12]
+    doc["hbm_bw"]["value"] = 0.3e12
+    with pytest.raises(ConfigError, match=r"prefetch_bw\.value must not exceed hbm_bw"):
+        parse_profile(doc, "mine.toml")
 
 
 # ---------------------------------------------------------------- malformed profiles
@@ -236,7 +331,8 @@ def test_own_profile_file_works(tmp_path: Path) -> None:
     assert mine["metrics"] == builtin["metrics"]  # same numbers, same model
     assert load_hardware(str(same)).name == "my-a2"
 
-    doc["hbm_bw"] = {**doc["hbm_bw"], "value": 2 * doc["hbm_bw"]["value"], "kind": "fitted"}
+    faster_hbm = 2 * doc["hbm_bw"]["value"]  # another chip: its own range around its own value
+    doc["hbm_bw"] = {**doc["hbm_bw"], "value": faster_hbm, "range": [2e12, 3e12], "kind": "fitted"}
     faster = write_profile(tmp_path, doc, "my-faster-a2.toml")
     quick = simulate_json("--hardware", str(faster))
     for key in ("output_throughput", "sim_decode_step_ms"):

@@ -44,6 +44,10 @@ from prefetch_tune.search.studies import study_name
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 MODEL = ("--model", "qwen3-32b", "--tp", "4")
+# A landscape where prefetch pays beyond the 1% tie tolerance (a test profile, not Atlas physics:
+# inside the shipped profiles' ranges it gains < 1%, docs/model.md), for tests that need a
+# prefetching winner.
+GAINFUL = str(Path(__file__).parent / "profiles" / "gainful-a2.toml")
 PG_ENV = "PREFETCH_TUNE_TEST_POSTGRES"
 
 
@@ -167,9 +171,16 @@ def test_acceptance_winners_near_brute_force_optimum(two_points: Path) -> None:
         assert doc["winner"]["objective_median"] == pytest.approx(value)
         if doc["winner"]["is_off"]:  # allowed, but then off itself is within 1%
             assert throughput(PrefetchConfig.off(), p) >= 0.99 * optimum
+        else:  # the race keeps off unless the gain over it is significant: here it is real
+            assert value > throughput(PrefetchConfig.off(), p)
         winners[n] = doc["winner"]
-    # docs/design.md section 3, property 1: the best prefetch grows with concurrency.
-    assert winners[8]["total_effective_mib"] < winners[72]["total_effective_mib"]
+    # docs/design.md section 3, property 1 through the search: where the optimum beats off by
+    # more than 1%, the winner prefetches more at 72 than at 8. Inside the physical ranges of the
+    # shipped profile it gains < 1% at 72 (docs/model.md); the noise-free race still separates
+    # such gains, so then only "every non-off winner truly beats off" (above) is asserted.
+    gain = brute_force_optimum(point(72)) / throughput(PrefetchConfig.off(), point(72)) - 1
+    if gain > 0.01:
+        assert winners[8]["total_effective_mib"] < winners[72]["total_effective_mib"]
 
 
 def test_acceptance_result_file_content(two_points: Path) -> None:
@@ -188,20 +199,38 @@ def test_acceptance_result_file_content(two_points: Path) -> None:
         assert (
             json.loads(value)["weight_prefetch_config"] == doc["winner"]["weight_prefetch_config"]
         )
+        rounds = doc["selection"]["rounds"]
+        assert doc["repeats"] == 3 <= rounds <= doc["max_repeats"] == 12
         for name in ("off", "default"):
             base = doc["baselines"][name]
             assert base["label"] == name
-            assert len(base["objective_values"]) == doc["repeats"] == 3
             assert base["objective_median"] > 0
+        # Off is the pair of every run: measured in every round of the race.
+        assert len(doc["baselines"]["off"]["objective_values"]) == rounds
         assert doc["baselines"]["off"]["total_effective_mib"] == 0
         assert doc["baselines"]["default"]["total_effective_mib"] > 0
         for vs in ("vs_off", "vs_default"):
-            assert set(doc["improvement"][vs]) == {"pct", "band_pct", "significant"}
-        # Off only loses to a significant gain; a tie within 1% goes to fewer bytes, so the
-        # winner can trail the default by up to the tie tolerance.
-        assert doc["improvement"]["vs_off"]["pct"] >= 0
+            got = doc["improvement"][vs]
+            assert got["level"] == 0.95 and "Student-t" in got["method"]
+            assert got["low_pct"] <= got["pct"] <= got["high_pct"]
+            assert got["significant"] is (got["low_pct"] > 0)
+        # Off wins unless a lower bound of gain over off is above zero.
         assert doc["improvement"]["vs_off"]["significant"] is not doc["winner"]["is_off"]
-        assert doc["improvement"]["vs_default"]["pct"] > -1.0
+        # The noiseless sim: the measured noise is zero, from every off and default run.
+        noise = doc["selection"]["noise"]
+        assert noise["pct"] == 0
+        assert noise["runs"] == sum(
+            len(doc["baselines"][b]["objective_values"]) for b in ("off", "default")
+        )
+        cost = doc["cost"]
+        assert cost["selection"]["backend_runs"] == sum(
+            len(f["objective_values"]) for f in doc["finalists"]
+        )
+        assert 0 < cost["search"]["backend_runs"] <= 30  # duplicates of a measured key are free
+        assert cost["search"]["server_starts"] == cost["selection"]["server_starts"] == 0
+        assert cost["total"]["backend_runs"] == sum(
+            cost[k]["backend_runs"] for k in ("search", "selection")
+        )
         assert doc["study"]["trials"] == 30
         assert doc["study"]["failures"] == 0
         assert doc["provenance"]["timestamp"]
@@ -495,6 +524,189 @@ def test_two_searches_share_one_journal(tmp_path: Path, sub_env: dict[str, str])
     assert load(next(results.glob("*.json")))["winner"]["objective_median"] > 0
 
 
+# Process A opens the journal study alone and pauses inside `open_study` (the moment a search has
+# decided it is alone but not yet failed orphans); process B then tries to join and start a trial.
+JOIN_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from prefetch_tune.search.studies import open_journal_study, owner
+
+    role, journal, flags = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    storage = JournalStorage(JournalFileBackend(journal))
+
+    def open_study():
+        study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True)
+        if role == "A":
+            (flags / "A-in").touch()
+            while not (flags / "go").exists():
+                time.sleep(0.01)
+        return study
+
+    if role == "B":
+        (flags / "B-trying").touch()
+    study, failed = open_journal_study(journal, open_study)
+    if role == "A":
+        print(failed)
+        sys.exit(0)
+    trial = study.ask()
+    trial.set_user_attr("owner", owner())
+    (flags / "B-running").touch()
+    time.sleep(3600)
+    """
+)
+
+
+def test_a_lone_search_never_fails_a_trial_of_a_search_joining_meanwhile(
+    tmp_path: Path, sub_env: dict[str, str]
+) -> None:
+    journal = tmp_path / "s.journal"
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(study_name="s", storage=storage)
+    orphan = study.ask().number  # left RUNNING, untagged, by a killed search
+    script = tmp_path / "join.py"
+    script.write_text(JOIN_SCRIPT)
+    flags = tmp_path / "flags"
+    flags.mkdir()
+
+    def start(role: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [sys.executable, str(script), role, str(journal), str(flags)],
+            env=sub_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    a = start("A")
+    b: subprocess.Popen[str] | None = None
+    try:
+        wait_for(lambda: (flags / "A-in").exists(), 60, "A inside open_study", a)
+        b = start("B")
+        wait_for(lambda: (flags / "B-trying").exists(), 60, "B trying to join", b)
+        # The bad interleaving: B joins and starts a trial while A, deciding alone, is about to
+        # fail orphans. B gets 2 s to do it (it needs milliseconds once joined).
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline and not (flags / "B-running").exists():
+            time.sleep(0.01)
+        joined_early = (flags / "B-running").exists()
+        (flags / "go").touch()
+        out, err = a.communicate(timeout=60)
+        assert a.returncode == 0, err
+        assert out.split() == ["1"]  # A failed the real orphan, and only it
+        wait_for(lambda: (flags / "B-running").exists(), 60, "B's trial", b)
+        trials = optuna.load_study(study_name="s", storage=storage).trials
+        assert trials[orphan].state == TrialState.FAIL
+        assert trials[orphan].user_attrs["orphaned"] is True
+        (b_trial,) = (t for t in trials if t.number != orphan)
+        assert b_trial.state == TrialState.RUNNING, "A failed the trial of a live search"
+        assert not b_trial.user_attrs.get("orphaned")
+        assert not joined_early, "B joined while A still held the journal alone"
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                kill_group(proc)
+
+
+def _one_rdb_worker_killed_mid_trial(tmp_path: Path, sub_env: dict[str, str], url: str) -> None:
+    """Optuna's heartbeat: the killed worker's trial goes stale, is failed and queued again,
+    and the survivor waits for it, so the budget ends in COMPLETE trials."""
+    results = tmp_path / "R"
+    budget = 12
+    args = cli(
+        "search",
+        *MODEL,
+        "--max-num-seqs",
+        "72",
+        "--backend",
+        "slowsim",
+        "--trials",
+        budget,
+        "--repeats",
+        "1",
+        "--max-repeats",
+        "1",
+        "--storage",
+        url,
+        "--heartbeat",
+        "1",
+        "--results-dir",
+        results,
+    )
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    hang = tmp_path / "hang"
+    hang.touch()
+    env = sub_env | {
+        "PT_TEST_DELAY_S": "0.3",
+        "PT_TEST_BARRIER_DIR": str(barrier),
+        "PT_TEST_BARRIER_N": "2",
+    }
+    # Worker 1 hangs inside its 3rd trial and is SIGKILLed there; worker 2 runs on.
+    killed = subprocess.Popen(
+        [*args, "--seed", "1"],  # its own proposals, so it is not served duplicates only
+        env=env | {"PT_TEST_HANG_FILE": str(hang), "PT_TEST_HANG_AFTER": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    survivor = subprocess.Popen(
+        args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: Path(f"{hang}.hanging").exists(), 120, "the hang", killed)
+        kill_group(killed)
+        _, err = survivor.communicate(timeout=180)
+        assert survivor.returncode == 0, err
+    finally:
+        for proc in (killed, survivor):
+            if proc.poll() is None:
+                kill_group(proc)
+    name = study_name(point(72), "slowsim")
+    trials = optuna.load_study(study_name=name, storage=url).trials
+    states = [t.state for t in trials]
+    stale = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(stale) == 1, states  # the killed worker's trial, failed by the heartbeat
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == stale[0].number]
+    assert len(retried) == 1 and retried[0].state == TrialState.COMPLETE
+    assert retried[0].params == stale[0].params
+    assert states.count(TrialState.COMPLETE) == budget, states
+    assert TrialState.RUNNING not in states
+    doc = load(next(results.glob("*.json")))
+    assert doc["study"]["storage"] == url
+
+
+@pytest.mark.slow
+def test_two_workers_on_sqlite_one_killed_mid_trial_end_with_the_full_budget(
+    tmp_path: Path, sub_env: dict[str, str]
+) -> None:
+    _one_rdb_worker_killed_mid_trial(tmp_path, sub_env, f"sqlite:///{tmp_path / 'studies.db'}")
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_two_workers_on_postgres_one_killed_mid_trial_end_with_the_full_budget(
+    tmp_path: Path, sub_env: dict[str, str], postgres_url: str
+) -> None:
+    name = study_name(point(72), "slowsim")
+    storage = optuna.storages.RDBStorage(postgres_url)
+    if name in {s.study_name for s in optuna.get_all_study_summaries(storage)}:
+        optuna.delete_study(study_name=name, storage=storage)  # left by an earlier run
+    try:
+        _one_rdb_worker_killed_mid_trial(tmp_path, sub_env, postgres_url)
+    finally:
+        optuna.delete_study(study_name=name, storage=storage)
+
+
 @pytest.fixture
 def postgres_url() -> str:
     url = os.environ.get(PG_ENV)
@@ -655,12 +867,14 @@ def test_backend_failure_becomes_a_fail_trial(tmp_path: Path) -> None:
 
 
 def test_slo_is_respected_by_the_winner(tmp_path: Path) -> None:
-    p = point(72)
+    p = point(72, hardware=GAINFUL)
     off_p99 = evaluate_point(PrefetchConfig.off(), p)[0]["p99_tpot_ms"]
     bound = off_p99 * 0.985  # off fails it; the tuned configs (about 2.5% faster) meet it
     r = run(
         "search",
         *MODEL,
+        "--hardware",
+        GAINFUL,
         "--max-num-seqs",
         "72",
         "--trials",
@@ -671,7 +885,7 @@ def test_slo_is_respected_by_the_winner(tmp_path: Path) -> None:
         tmp_path,
     )
     assert_ok(r)
-    doc = load(rfile(tmp_path, 72))
+    doc = load(rfile(tmp_path, 72, hardware=GAINFUL))
     assert doc["constraints"] == [f"p99_tpot_ms<={float(f'{bound:.4f}'):g}"]
     assert not doc["winner"]["is_off"]
     assert doc["winner"]["metrics_median"]["p99_tpot_ms"] <= bound
@@ -684,6 +898,8 @@ def test_latency_objective_is_minimised(tmp_path: Path) -> None:
     r = run(
         "search",
         *MODEL,
+        "--hardware",
+        GAINFUL,
         "--max-num-seqs",
         "72",
         "--trials",
@@ -694,7 +910,7 @@ def test_latency_objective_is_minimised(tmp_path: Path) -> None:
         tmp_path,
     )
     assert_ok(r)
-    doc = load(rfile(tmp_path, 72))
+    doc = load(rfile(tmp_path, 72, hardware=GAINFUL))
     assert doc["objective"] == {"metric": "mean_tpot_ms", "direction": "minimize"}
     study = journal_study(tmp_path)
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
@@ -705,13 +921,23 @@ def test_latency_objective_is_minimised(tmp_path: Path) -> None:
     assert doc["improvement"]["vs_off"]["pct"] > 0  # positive means better, also for latencies
     # The same study cannot be resumed with the opposite direction.
     again = run(
-        "search", *MODEL, "--max-num-seqs", "72", "--trials", "15", "--results-dir", tmp_path
+        "search",
+        *MODEL,
+        "--hardware",
+        GAINFUL,
+        "--max-num-seqs",
+        "72",
+        "--trials",
+        "15",
+        "--results-dir",
+        tmp_path,
     )
     assert_bad_input(again, "--objective output_throughput", "minimize")
 
 
 def test_winner_is_off_with_a_note_when_nothing_beats_it(tmp_path: Path) -> None:
-    # At max-num-seqs 8 the best prefetch gains ~1.2% over off; a 5% tie tolerance makes that a tie.
+    # At max-num-seqs 8 the best prefetch gains ~1.2% over off; at 5% noise three rounds of the
+    # race cannot tell that from zero.
     r = run(
         "search",
         *MODEL,
@@ -719,8 +945,12 @@ def test_winner_is_off_with_a_note_when_nothing_beats_it(tmp_path: Path) -> None
         "8",
         "--trials",
         "10",
-        "--tie-tolerance",
-        "0.05",
+        "--noise",
+        "5",
+        "--repeats",
+        "3",
+        "--max-repeats",
+        "3",
         "--results-dir",
         tmp_path,
     )

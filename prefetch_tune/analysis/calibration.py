@@ -353,6 +353,23 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value))
 
 
+def _widen_to_measurement(entry: dict[str, Any]) -> None:
+    """A measured value outside the base's mechanism range wins over the estimate: the range
+    grows to include it and says so (the mechanism behind the old range needs revisiting)."""
+    bounds = entry.get("range")
+    if not (isinstance(bounds, list) and len(bounds) == 2):
+        return
+    low, high = float(bounds[0]), float(bounds[1])
+    value = float(entry["value"])
+    if low <= value <= high:
+        return
+    entry["range"] = [min(low, value), max(high, value)]
+    entry["range_why"] = (
+        f"widened from [{low:g}, {high:g}] to the measured {value:g}: a measurement beats the "
+        f"estimate the old range came from ({entry.get('range_why', '')})"
+    )
+
+
 def render_profile_toml(cal: Calibration, trace: Path, name: str | None = None) -> str:
     """The base profile's TOML with the fitted fields replaced and a new [calibration] table."""
     try:
@@ -382,8 +399,12 @@ def render_profile_toml(cal: Calibration, trace: Path, name: str | None = None) 
                 f"prefetch-tune profile --calibrate from {trace}: {f.how}; {f.samples} samples "
                 f"(base {cal.base.name}: {f.base:g})"
             )
+            _widen_to_measurement(entry)
         for k2, v2 in entry.items():
-            if isinstance(v2, dict | list):
+            if isinstance(v2, dict):
+                continue
+            if isinstance(v2, list):
+                lines.append(f"{k2} = [{', '.join(_toml_value(x) for x in v2)}]")
                 continue
             lines.append(f"{k2} = {_toml_value(v2)}")
     lines += [

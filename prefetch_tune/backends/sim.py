@@ -19,6 +19,9 @@ Mechanisms (each has its parameter in the hardware profile; see configs/hardware
   (stall), and every prefetch costs the compute stream an event record + wait (`stream_sync_us`).
 * A join placed after the consuming matmul (mlp.gate_up) lets the fill race the matmul: only the
   bytes filled ahead of the matmul's read pointer hit; the rest is wasted traffic.
+* L2 holds `l2_bytes`: everything the compute stream streams between a fill's start and its
+  consumer (the KV cache attention reads above all) goes through L2 too, and once that plus the
+  fill exceeds L2 the oldest prefetched bytes are evicted before they are read.
 * Attention reads the KV cache of the current context; prefill arrives as chunks that raise the
   tokens of some forwards (mixed steps), so the plan's < 500 / >= 96 thresholds bite where they
   do in vLLM.
@@ -43,10 +46,11 @@ from prefetch_tune.backends.base import (
     Workload,
     register_backend,
 )
+from prefetch_tune.capacity import check_capacity
 from prefetch_tune.hardware import HardwareProfile, load_hardware
-from prefetch_tune.models import Layout, MiB, ModelSpec, load_model
+from prefetch_tune.models import Layout, MiB, ModelSpec
 from prefetch_tune.numbers import non_negative, number
-from prefetch_tune.prefetch import PrefetchConfig, parse_additional_config
+from prefetch_tune.prefetch import PrefetchConfig
 from prefetch_tune.runtime import plan as P
 
 KV_BYTES = 2  # bf16 KV cache
@@ -241,6 +245,7 @@ class _Fill:
     start: float
     end: float
     rate: float
+    streamed_at_start: float  # compute-stream bytes through L2 before the fill began
 
 
 def _memory_time(op: ComputeOp, hw: HardwareProfile, hit_bytes: float) -> float:
@@ -301,13 +306,13 @@ def simulate_layer(
     fills: list[_Fill] = []
     by_op: dict[int, _Fill] = {}
     events: list[Event] = []
-    stall = hits_total = hbm_weight = 0.0
+    stall = hits_total = hbm_weight = streamed = 0.0
     for op in ops:
         for pop in starts.get(op.name, ()):
             t += sync / 2  # event record on the compute stream for the side stream to wait on
             start = max(t, side_free) + hw.cmo_issue_us * 1e-6
             end = start + pop.bytes / hw.prefetch_bw
-            fill = _Fill(pop, t, start, end, hw.prefetch_bw)
+            fill = _Fill(pop, t, start, end, hw.prefetch_bw, streamed)
             fills.append(fill)
             by_op[id(pop)] = fill
             side_free = end
@@ -329,7 +334,7 @@ def simulate_layer(
                 )
         hit = 0.0
         if op.kind == "matmul" and op.weight:
-            hit = _hits(op, t, fills, hw)
+            hit = _hits(op, t, fills, hw, streamed)
             hits_total += hit
             hbm_weight += op.hbm_bytes - hit
         variable = _memory_time(op, hw, hit)
@@ -340,6 +345,7 @@ def simulate_layer(
         if with_events:
             events.append(Event(op.name, "compute", t, dur, {"kind": op.kind, "l2_hit_bytes": hit}))
         t += dur
+        streamed += op.hbm_bytes
         for pop in joins.get(op.name, ()):
             fill = by_op[id(pop)]
             waited = max(0.0, fill.end - t)
@@ -352,8 +358,11 @@ def simulate_layer(
     return LayerResult(t - offset, stall, hits_total, hbm_weight, prefetched, wasted, events)
 
 
-def _hits(op: ComputeOp, t: float, fills: list[_Fill], hw: HardwareProfile) -> float:
-    """L2-hit bytes for a matmul starting at `t`: the largest prefix any fill has ready."""
+def _hits(
+    op: ComputeOp, t: float, fills: list[_Fill], hw: HardwareProfile, streamed: float
+) -> float:
+    """L2-hit bytes for a matmul starting at `t`: the largest prefix any fill has ready and
+    L2 still holds (bytes streamed since the fill began evict the oldest prefetched ones)."""
     best = 0.0
     for f in fills:
         if f.op.weight != op.weight:
@@ -371,7 +380,8 @@ def _hits(op: ComputeOp, t: float, fills: list[_Fill], hw: HardwareProfile) -> f
             )
         if op.weight == "experts.w13" and op.hbm_bytes > 0:
             ready *= op.hbm_bytes / max(op.hbm_bytes, f.op.weight_bytes)  # inactive experts
-        best = max(best, ready)
+        evicted = max(0.0, streamed - f.streamed_at_start + size - hw.l2_bytes)
+        best = max(best, ready - evicted)
     return min(best, op.hbm_bytes)
 
 
@@ -510,6 +520,12 @@ def apply_noise(metrics: Metrics, pct: float, key: str) -> Metrics:
     return noisy
 
 
+@lru_cache(maxsize=256)
+def _check_capacity(point: OperatingPoint) -> None:
+    """Once per point: a layout that cannot hold its KV cache is bad input (capacity.py)."""
+    check_capacity(point)
+
+
 NOISE_MAX_PCT = 50.0  # a larger sigma pins most draws at apply_noise's 0.5 floor
 
 
@@ -526,6 +542,7 @@ class SimBackend:
         self.seed = seed
 
     def evaluate(self, config: PrefetchConfig, point: OperatingPoint, repeat: int = 0) -> Metrics:
+        _check_capacity(point)
         metrics, _ = evaluate_point(config, point)
         if self.noise_pct <= 0:
             return metrics  # noise-free: skip building the noise key
@@ -534,30 +551,3 @@ class SimBackend:
 
 
 register_backend("sim", SimBackend)
-
-
-def serving_timing(
-    model: str,
-    tp: int,
-    dp: int,
-    ep: bool,
-    max_num_seqs: int,
-    additional_config: str | None,
-    input_len: int,
-    output_len: int,
-    hardware: str = "atlas-a2",
-) -> tuple[float, float]:
-    """(TTFT, TPOT) in seconds for the fake `vllm serve` used in tests: simulated timing."""
-    spec = load_model(model)
-    config = (
-        parse_additional_config(additional_config) if additional_config else PrefetchConfig.off()
-    )
-    point = OperatingPoint(
-        model=spec,
-        layout=Layout(tp=tp, dp=dp, ep=ep),
-        max_num_seqs=max_num_seqs,
-        hardware=hardware,
-        workload=Workload(input_len=input_len, output_len=output_len),
-    )
-    metrics, _ = evaluate_point(config, point)
-    return metrics["mean_ttft_ms"] / 1e3, metrics["mean_tpot_ms"] / 1e3

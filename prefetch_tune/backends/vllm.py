@@ -554,6 +554,7 @@ class VllmBackend:
         self._server: ServerProcess | None = None
         self._server_key: str | None = None
         self._served_id: str | None = None
+        self.server_starts = 0  # counted into each result's cost
         self._lock = threading.RLock()
         _INSTANCES.add(self)
 
@@ -787,6 +788,7 @@ class VllmBackend:
         key: str,
     ) -> None:
         _install_sigterm_exit()
+        self.server_starts += 1
         port = self.settings.port or free_port(self.settings.host)
         cmd = self.serve_command(config, point, port, semantics)
         log_path = logs / f"{name}-serve.log"

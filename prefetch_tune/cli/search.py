@@ -21,6 +21,7 @@ from rich.table import Table
 from prefetch_tune import numbers
 from prefetch_tune.backends.base import OperatingPoint, Workload, get_backend
 from prefetch_tune.backends.sim import NOISE_MAX_PCT
+from prefetch_tune.capacity import check_capacity
 from prefetch_tune.cli.common import (
     choice,
     err_console,
@@ -110,7 +111,9 @@ def _check_numbers(o: dict[str, Any], name: Callable[[str], str]) -> None:
     numbers.positive(o["cap_mib"], name("cap_mib"))
     numbers.number(o["noise"], name("noise"), low=0, high=NOISE_MAX_PCT)
     numbers.number(o["seed"], name("seed"), low=0, high=SEED_MAX, integer=True)
-    numbers.number(o["tie_tolerance"], name("tie_tolerance"), low=0, high=1, high_open=True)
+    if o["max_repeats"] is not None:
+        numbers.positive(o["max_repeats"], name("max_repeats"), integer=True)
+    numbers.positive(o["heartbeat"], name("heartbeat"), integer=True)
     if o["timeout"] is not None:
         numbers.positive(o["timeout"], name("timeout"))
     for key in ("trials", "repeats", "input_len", "output_len", "tp", "dp"):
@@ -155,8 +158,19 @@ def search(
         typer.Option("--timeout", help="Seconds per max-num-seqs; the current trial finishes."),
     ] = None,
     repeats: Annotated[
-        int, typer.Option("--repeats", help="Re-measurements of each finalist, off and default.")
+        int,
+        typer.Option(
+            "--repeats",
+            help="Selection race: rounds of off, default and finalists before any drops.",
+        ),
     ] = 3,
+    max_repeats: Annotated[
+        int | None,
+        typer.Option(
+            "--max-repeats",
+            help="Selection race: rounds at most, it stops once decided [default: max(12, 4 x --repeats)].",
+        ),
+    ] = None,
     objective: Annotated[
         str,
         typer.Option(
@@ -181,6 +195,13 @@ def search(
             "--storage", help="Optuna storage URL (e.g. postgresql://...) shared by several hosts."
         ),
     ] = None,
+    heartbeat: Annotated[
+        int,
+        typer.Option(
+            "--heartbeat",
+            help="RDB --storage: seconds between trial heartbeats; a worker silent for 3x is dead.",
+        ),
+    ] = 60,
     results_dir: Annotated[
         Path, typer.Option("--results-dir", help="Where result files, trial tables and studies go.")
     ] = Path("results"),
@@ -193,10 +214,6 @@ def search(
     output_len: Annotated[
         int, typer.Option("--output-len", help="Generated tokens per request.")
     ] = 1500,
-    tie_tolerance: Annotated[
-        float,
-        typer.Option("--tie-tolerance", help="Relative score tie; a tie goes to fewer bytes."),
-    ] = 0.01,
     dry_run: Annotated[
         bool,
         typer.Option("--dry-run", help="Print what would run (serve and bench commands) and exit."),
@@ -258,8 +275,9 @@ def search(
         sampler=o["sampler"],
         seed=o["seed"],
         storage=o["storage"],
-        tie_tolerance=float(o["tie_tolerance"]),
         replace=bool(o["replace"]),
+        heartbeat_s=o["heartbeat"],
+        max_repeats=o["max_repeats"],
     )
     settings.check()
     workload = Workload(input_len=o["input_len"], output_len=o["output_len"])
@@ -275,6 +293,8 @@ def search(
         )
         for n in seqs
     ]
+    for point in points:  # a layout that cannot hold its KV cache is bad input, before any trial
+        check_capacity(point)
     be = get_backend(
         o["backend"],
         noise_pct=float(o["noise"]),
@@ -426,4 +446,6 @@ def _say_stored(out: SearchOutcome) -> None:
 def _pct(cmp: dict[str, Any]) -> str:
     if cmp.get("pct") is None:
         return "-"
-    return f"{cmp['pct']:+.2f}% (±{cmp['band_pct']:.2f})"
+    if cmp.get("low_pct") is None or cmp.get("high_pct") is None:  # too few runs to bound it
+        return f"{cmp['pct']:+.2f}% [unbounded]"
+    return f"{cmp['pct']:+.2f}% [{cmp['low_pct']:+.2f}, {cmp['high_pct']:+.2f}]"

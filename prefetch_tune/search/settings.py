@@ -85,14 +85,15 @@ class SearchSettings:
     results_dir: Path
     trials: int = 30
     timeout: float | None = None
-    repeats: int = 3
+    repeats: int = 3  # race rounds before the first elimination
+    max_repeats: int | None = None  # race rounds at most; None: max(12, 4 x repeats)
     objective: str = "output_throughput"
     slos: tuple[Slo, ...] = ()
     sampler: str = "tpe"
     seed: int = 0
     storage: str | None = None
+    heartbeat_s: int = 60  # RDB storages: Optuna heartbeat interval (stale after 3 x)
     finalists: int = 3
-    tie_tolerance: float = 0.01
     max_rel_mad: float = 0.10
     replace: bool = False  # a stored result gives way even to a less trustworthy one
 
@@ -100,11 +101,15 @@ class SearchSettings:
         numbers.positive(self.trials, "--trials", integer=True)
         numbers.positive(self.repeats, "--repeats", integer=True)
         numbers.number(self.seed, "--seed", low=0, high=SEED_MAX, integer=True)
+        if self.max_repeats is not None and self.max_repeats < self.repeats:
+            raise ConfigError(
+                f"--max-repeats {self.max_repeats}: must be >= --repeats {self.repeats}"
+            )
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler {self.sampler}: expected one of {', '.join(SAMPLERS)}")
+        numbers.positive(self.heartbeat_s, "--heartbeat", integer=True)
         if self.timeout is not None:
             numbers.positive(self.timeout, "--timeout")
-        numbers.number(self.tie_tolerance, "--tie-tolerance", low=0, high=1, high_open=True)
         check_metric(self.objective, "--objective")
         for slo in self.slos:
             check_metric(slo.metric, f"--slo {slo}:")
@@ -117,6 +122,11 @@ class SearchSettings:
                 f"(known: {', '.join(sorted(k for k in metrics if not k.startswith('sim_')))})"
             )
         return float(metrics[self.objective])
+
+    @property
+    def round_cap(self) -> int:
+        """The selection race's most rounds."""
+        return self.max_repeats if self.max_repeats is not None else max(12, 4 * self.repeats)
 
     @property
     def minimize(self) -> bool:

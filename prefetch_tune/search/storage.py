@@ -223,11 +223,17 @@ def open_journal(path: str | Path) -> tuple[optuna.storages.JournalStorage, str]
     return storage, str(journal)
 
 
-def open_url(url: str) -> tuple[optuna.storages.BaseStorage, str]:
-    """An RDB (or other) storage URL; a relative sqlite path is made absolute first."""
+def absolute_url(url: str) -> str:
+    """A storage URL whose relative sqlite path is made absolute (no lock may point nowhere)."""
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
         url = prefix + str(absolute(url[len(prefix) :]))
+    return url
+
+
+def open_url(url: str) -> tuple[optuna.storages.BaseStorage, str]:
+    """An RDB (or other) storage URL; a relative sqlite path is made absolute first."""
+    url = absolute_url(url)
     try:
         return optuna.storages.get_storage(url), url
     except Exception as exc:

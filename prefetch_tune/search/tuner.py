@@ -14,6 +14,7 @@ import logging
 import statistics
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,17 +38,28 @@ from prefetch_tune.results import (
     store_result,
     trials_path,
 )
-from prefetch_tune.search.selection import Candidate, choose_winner, compare, remeasure
+from prefetch_tune.search.selection import (
+    LEVEL,
+    Candidate,
+    RaceCost,
+    choose_winner,
+    interval,
+    measured_noise,
+    race,
+)
 from prefetch_tune.search.settings import Progress, SearchSettings
 from prefetch_tune.search.space import SearchSpace, build_space
 from prefetch_tune.search.studies import (
     GRID_LEVELS,
     HAS_SET_CONSTRAINT,
-    claim_journal,
+    beating,
     describe_study,
-    fail_orphans,
+    fail_stale,
+    heartbeat_interval,
     make_sampler,
     metric_attrs,
+    open_journal_study,
+    others_running,
     owner,
     ratio_attrs,
     release_journal,
@@ -194,9 +206,17 @@ def run_trials(
     }
     deadline = time.monotonic() + settings.timeout if settings.timeout else None
     progress.start(label, settings.trials, min(spent(study), settings.trials))
+    beat = heartbeat_interval(study)
     while not stop.is_set():
+        if fail_stale(study):
+            progress.message(f"{label}: failed a trial of a worker whose heartbeat stopped")
         if spent(study) >= settings.trials:
-            break
+            if beat is None or not others_running(study):
+                break
+            # Other workers' trials still count: wait until they end or go stale (and are
+            # queued again), so the budget ends in COMPLETE trials.
+            stop.wait(beat)
+            continue
         if deadline is not None and time.monotonic() >= deadline:
             progress.message(f"{label}: --timeout reached")
             break
@@ -204,38 +224,51 @@ def run_trials(
             progress.message(f"{label}: every grid point was tried")
             break
         try:
-            trial = study.ask(dists)
+            with warnings.catch_warnings():  # "heartbeat is supposed to be used with optimize"
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                trial = study.ask(dists)
         except RuntimeError as exc:  # e.g. GridSampler exhausted
             progress.message(f"{label}: sampler has nothing left ({exc})")
             break
-        trial.set_user_attr("owner", owner())
-        config = space.config(trial.params)
-        key = space.key(config)
-        trial.set_user_attr("key", key)
-        trial.set_user_attr("config", config.canonical_json())
-        trial.set_user_attr("effective_mib", space.effective_mib(config))
-        for attr, ratio in ratio_attrs(space, trial.params).items():
-            trial.set_user_attr(attr, ratio)
-        done, failed = _measured(study)
-        if key in done:  # same effective bytes: never pay twice
-            prior = done[key]
-            trial.set_user_attr("duplicate_of", prior.number)
-            trial.set_user_attr("metrics", prior.user_attrs.get("metrics", {}))
-            for attr, value in metric_attrs(prior.user_attrs.get("metrics", {})).items():
-                trial.set_user_attr(attr, value)
-            _tell_complete(
-                study,
-                trial,
-                float(prior.value or 0.0),
-                list(prior.user_attrs.get("constraints", [])),
-            )
-        elif key in failed:
-            trial.set_user_attr("failure_class", "skipped")
-            trial.set_user_attr("failure", f"same config failed in trial {failed[key]}; not re-run")
-            _tell(study, trial, state=TrialState.FAIL)
-        else:
-            _evaluate_trial(study, trial, config, space.point, backend, settings)
+        with beating(study, trial):
+            _run_trial(study, trial, space, backend, settings)
         progress.advance(label, min(spent(study), settings.trials), _best(study, settings))
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    space: SearchSpace,
+    backend: Backend,
+    settings: SearchSettings,
+) -> None:
+    trial.set_user_attr("owner", owner())
+    config = space.config(trial.params)
+    key = space.key(config)
+    trial.set_user_attr("key", key)
+    trial.set_user_attr("config", config.canonical_json())
+    trial.set_user_attr("effective_mib", space.effective_mib(config))
+    for attr, ratio in ratio_attrs(space, trial.params).items():
+        trial.set_user_attr(attr, ratio)
+    done, failed = _measured(study)
+    if key in done:  # same effective bytes: never pay twice
+        prior = done[key]
+        trial.set_user_attr("duplicate_of", prior.number)
+        trial.set_user_attr("metrics", prior.user_attrs.get("metrics", {}))
+        for attr, value in metric_attrs(prior.user_attrs.get("metrics", {})).items():
+            trial.set_user_attr(attr, value)
+        _tell_complete(
+            study,
+            trial,
+            float(prior.value or 0.0),
+            list(prior.user_attrs.get("constraints", [])),
+        )
+    elif key in failed:
+        trial.set_user_attr("failure_class", "skipped")
+        trial.set_user_attr("failure", f"same config failed in trial {failed[key]}; not re-run")
+        _tell(study, trial, state=TrialState.FAIL)
+    else:
+        _evaluate_trial(study, trial, config, space.point, backend, settings)
 
 
 def _evaluate_trial(
@@ -327,22 +360,28 @@ def search_point(
     name = study_name(point, backend.name)
     sampler = make_sampler(settings, space)  # may refuse (exit 2): before any study file exists
     storage, storage_label = storage_for(settings, name)
-    alone = not settings.storage and claim_journal(storage_label)
     direction: Literal["minimize", "maximize"] = "minimize" if settings.minimize else "maximize"
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        direction=direction,
-        sampler=sampler,
-        load_if_exists=True,
-    )
+
+    def open_study() -> optuna.Study:
+        return optuna.create_study(
+            study_name=name,
+            storage=storage,
+            direction=direction,
+            sampler=sampler,
+            load_if_exists=True,
+        )
+
+    if settings.storage:  # RDB: Optuna's heartbeat finds the trials of dead workers
+        study = open_study()
+        orphans = fail_stale(study)
+    else:
+        study, orphans = open_journal_study(storage_label, open_study)
     if study.direction.name.lower() != direction:
         raise ConfigError(
             f"--objective {settings.objective}: study {name} in {storage_label} "
             f"was created to {study.direction.name.lower()}; use another --storage"
         )
     describe_study(study, space, settings)
-    orphans = fail_orphans(study, alone)
     if orphans:
         progress.message(f"{name}: marked {orphans} trial(s) left RUNNING by a killed run as FAIL")
     path = result_path(settings.results_dir, point, backend.name)
@@ -371,12 +410,14 @@ def search_point(
         outcome.interrupted = True
         return outcome
     cands = _finalists(study, space, settings)
-    remeasure(cands, point, backend, settings, progress, stop)
+    cost = race(cands, point, backend, settings, progress, stop)
     if stop.is_set():
         outcome.interrupted = True
         return outcome
     winner, notes = choose_winner(cands, point, settings)
     doc = build_result(point, backend, settings, space, study, storage_label, cands, winner, notes)
+    doc["selection"] = selection_summary(cands, settings, cost)
+    doc["cost"] = cost_summary(study, backend, cost)
     outcome.stored = store_result(path, doc, settings.replace)
     outcome.moved_damaged = outcome.stored.moved_damaged
     csv = trials_path(settings.results_dir, point, backend.name)
@@ -385,6 +426,49 @@ def search_point(
     outcome.path = outcome.stored.written
     release_journal(storage_label)
     return outcome
+
+
+def search_runs(study: optuna.Study) -> int:
+    """Backend runs the trials paid for (every process on the study): not duplicates of a
+    measured key, not failures skipped without a run."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL))
+        if "duplicate_of" not in t.user_attrs and t.user_attrs.get("failure_class") != "skipped"
+    )
+
+
+def cost_summary(study: optuna.Study, backend: Backend, race_cost: RaceCost) -> dict[str, Any]:
+    """What the search and the selection cost: backend runs, and server starts where the
+    backend starts servers (vllm: one per trial, and one per race run as configs alternate)."""
+    runs = search_runs(study)
+    starts = runs if hasattr(backend, "server_starts") else 0
+    return {
+        "search": {"backend_runs": runs, "server_starts": starts},
+        "selection": {
+            "backend_runs": race_cost.backend_runs,
+            "server_starts": race_cost.server_starts,
+            "rounds": race_cost.rounds,
+        },
+        "total": {
+            "backend_runs": runs + race_cost.backend_runs,
+            "server_starts": starts + race_cost.server_starts,
+        },
+    }
+
+
+def selection_summary(
+    cands: list[Candidate], settings: SearchSettings, cost: RaceCost
+) -> dict[str, Any]:
+    return {
+        "method": "interleaved round-robin race of off, default and finalists, paired with off",
+        "interval": interval(cands[0], cands[0], settings.minimize).to_json()["method"],
+        "level": LEVEL,
+        "min_rounds": settings.repeats,
+        "max_rounds": settings.round_cap,
+        "rounds": cost.rounds,
+        "noise": measured_noise(cands[:2]),
+    }
 
 
 def _summary(c: Candidate, space: SearchSpace) -> dict[str, Any]:
@@ -400,6 +484,7 @@ def _summary(c: Candidate, space: SearchSpace) -> dict[str, Any]:
         "objective_mad": c.mad if c.values else None,
         "metrics_median": med,
         "rejected": c.rejected or None,
+        "dropped": c.dropped or None,
     }
 
 
@@ -448,13 +533,17 @@ def build_result(
         },
         "constraints": [str(s) for s in settings.slos],
         "repeats": settings.repeats,
+        "max_repeats": settings.round_cap,
         "winner": _summary(winner, space) | {"is_off": winner.key == "off"},
         "baselines": {"off": _summary(off, space), "default": _summary(default, space)},
         "improvement": {
-            "vs_off": compare(winner, off, settings.minimize),
-            "vs_default": compare(winner, default, settings.minimize),
+            "vs_off": interval(winner, off, settings.minimize).to_json(),
+            "vs_default": interval(winner, default, settings.minimize).to_json(),
         },
-        "finalists": [_summary(c, space) for c in cands],
+        "finalists": [
+            _summary(c, space) | {"vs_off": interval(c, off, settings.minimize).to_json()}
+            for c in cands
+        ],
         "additional_config": emission.flag,
         "additional_config_notes": list(emission.notes),
         "notes": notes,

@@ -8,7 +8,7 @@ flag exits 2 with "unrecognized arguments"; a bad `--additional-config` JSON exi
 passed, then 200. /v1/models, /tokenize and POST /v1/completions (streaming SSE or not) work.
 It spawns one "engine core" child in its own process group, which outlives a crashed parent by
 FAKE_VLLM_ORPHAN_LINGER seconds, so tests can check that the whole group is stopped.
-Token timing comes from `prefetch_tune.backends.sim.serving_timing(...)` unless overridden;
+Token timing comes from `fakevllm.timing.serving_timing(...)` unless overridden;
 without both overrides the simulator is asked once at start-up, and if it refuses the model or
 config the server exits 1 with its traceback, as vLLM does when it cannot load a model.
 At most --max-num-seqs requests run at once; the rest queue (their TTFT grows).

@@ -150,10 +150,10 @@ class Timing:
     def _simulate(self, input_len: int, output_len: int) -> tuple[float, float]:
         """Imported lazily: the simulator is only needed when no override is set."""
         try:
-            from prefetch_tune.backends.sim import serving_timing
+            from fakevllm.timing import serving_timing
         except ImportError:
             sys.path.append(str(REPO_ROOT))
-            from prefetch_tune.backends.sim import serving_timing
+            from fakevllm.timing import serving_timing
         args = self.args
         ttft, tpot = serving_timing(
             args.model,
