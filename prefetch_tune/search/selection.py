@@ -266,7 +266,8 @@ def race(
         if _eliminate(alive, off, cands[1], settings, rnd):
             break
     progress.message(
-        f"selection: {cost.rounds} round(s), {cost.backend_runs} runs; "
+        f"max-num-seqs {point.max_num_seqs}: selection: {cost.rounds} round(s), "
+        f"{cost.backend_runs} runs; "
         + ", ".join(f"{c.label} {c.median:,.2f}" for c in cands if c.values)
     )
     return cost
