@@ -63,10 +63,19 @@ def check_writable(results_dir: Path) -> None:
         clean_stale_tmp(folder)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, text: str) -> None:
+    """Write via a temp file and rename, with the mode a plain `open` would give (0666 & ~umask):
+    mkstemp makes 0600 files that other users of a shared results directory cannot read."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=tmp_prefix(path.name), suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from prefetch_tune.cli import app
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-COMMANDS = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+COMMANDS = sorted(typer.main.get_command(app).list_commands(None))  # type: ignore[attr-defined]
 
 
 def test_the_cli_has_the_commands_people_use() -> None:

@@ -172,3 +172,40 @@ def test_missing_extra_names_the_install(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'prefetch-tune[report]'" in lines[0]
+
+
+FLAT = {"mlp.gate_up": 0.288, "mlp.down": 0.576}  # plan --json, qwen3-32b TP4; attn never flat
+
+
+def _slices(e: StudyEntry) -> dict[str, Any]:
+    return {c.removeprefix("Slice: "): f for c, f in study_figures(e) if c.startswith("Slice: ")}
+
+
+def test_slice_plots_draw_every_trial_at_its_ratio_with_the_plans_flat_line(
+    fresh_results: Path,
+) -> None:
+    """mlp.gate_up goes flat at 0.288 at qwen3-32b TP4 (`plan --json`), not at the sampling
+    range's top (0.36); trials sampled below 0 ran with the knob off and sit at x = 0."""
+    entries, _ = load_entries(fresh_results)
+    for e in entries:
+        assert e.study is not None
+        done = [
+            t
+            for t in e.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None
+        ]
+        slices = _slices(e)
+        assert set(slices) == {"attn.qkv", "attn.o", "mlp.gate_up", "mlp.down"}
+        for knob, fig in slices.items():
+            (trace,) = fig.data
+            xs = list(trace.x)
+            assert len(xs) == len(done)  # every trial is drawn
+            lo, hi = fig.layout.xaxis.range
+            assert all(lo < x < hi for x in xs), (knob, lo, hi, xs)
+            flat = FLAT.get(knob)
+            wanted = sorted(min(max(0.0, t.params[knob]), flat or 1.0) for t in done)
+            assert sorted(xs) == pytest.approx(wanted)
+            assert any(t.params[knob] < 0 for t in done)  # the off zone was sampled ...
+            assert 0.0 in xs  # ... and is drawn
+            lines = [s.x0 for s in fig.layout.shapes if s.type == "line"]
+            assert lines == ([] if flat is None else [pytest.approx(flat)])

@@ -22,6 +22,7 @@ from helpers import assert_bad_input
 from typer.testing import CliRunner
 
 from prefetch_tune.cli import app
+from prefetch_tune.cli.apply import rounded
 from prefetch_tune.prefetch import (
     PrefetchConfig,
     parse_additional_config,
@@ -91,8 +92,8 @@ def test_a_weaker_search_is_written_beside_and_apply_keeps_the_stronger(tmp_path
     weak = load_result(alt)
     assert weak["study"]["trials"] < strong["study"]["trials"]
     by_model = run("apply", *MODEL, "--max-num-seqs", "72", "--results-dir", tmp_path)
-    assert applied(by_model) == parse_weight_prefetch_config(
-        strong["winner"]["weight_prefetch_config"]
+    assert applied(by_model) == rounded(  # apply prints 4 decimals (summaries.RATIO_DECIMALS)
+        parse_weight_prefetch_config(strong["winner"]["weight_prefetch_config"])
     )
 
 

@@ -452,3 +452,11 @@ def test_vllm_backend_sweep_against_the_fake_vllm(
     while _survivors(token) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _survivors(token) == [], "a server or benchmark process survived the sweep"
+
+
+def test_sweep_json_is_data_on_stdout_sorted_by_max_num_seqs(results: Path, tmp_path: Path) -> None:
+    result = run(str(EXAMPLE), "--results-dir", str(results), "--json")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [r["max_num_seqs"] for r in data] == [8, 72]
+    assert {r["status"] for r in data} == {"pass"} and all(r["simulated"] for r in data)

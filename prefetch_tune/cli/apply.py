@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -25,6 +26,7 @@ from prefetch_tune.prefetch import (
     parse_weight_prefetch_config,
 )
 from prefetch_tune.results import PointQuery, describe_point, load_result, matching_results
+from prefetch_tune.summaries import RATIO_DECIMALS
 
 BACKENDS = ("sim", "vllm")
 
@@ -88,11 +90,17 @@ def apply(
         ),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="flag (--additional-config '<json>') or json.")
-    ] = "flag",
+        str,
+        typer.Option(
+            "--format",
+            help="shell: --additional-config '<json>' to paste (alias flag); args: for "
+            "`vllm serve M $(prefetch-tune apply --format args ...)`; json: for "
+            '`--additional-config "$(prefetch-tune apply --format json ...)"`.',
+        ),
+    ] = "shell",
 ) -> None:
     """Turn ratios or a stored result into the --additional-config argument, merged into yours."""
-    choice(fmt, ("flag", "json"), "--format")
+    choice(fmt, FORMATS, "--format")
     updates = parse_set_options(sets or [])
     if disabled and updates:
         raise ConfigError("--disabled and --set contradict each other; give one")
@@ -117,10 +125,34 @@ def apply(
             "nothing to apply: give --set KNOB=RATIO, --disabled, --result FILE, "
             "or --model M --max-num-seqs N"
         )
-    emission = emit(config, sem or "plugin", merge_into)
+    emission = emit(rounded(config), sem or "plugin", merge_into)
     for note in emission.notes:
         print(f"note: {note}", file=sys.stderr)
-    typer.echo(emission.flag if fmt == "flag" else emission.json)
+    typer.echo(formatted(emission.json, fmt))
+
+
+FORMATS = ("shell", "flag", "args", "json")
+
+
+def rounded(config: PrefetchConfig) -> PrefetchConfig:
+    """Ratios to RATIO_DECIMALS (finer steps change no prefetch a benchmark can resolve)."""
+    return PrefetchConfig(
+        enabled=config.enabled,
+        ratios=tuple((k, round(v, RATIO_DECIMALS)) for k, v in config.ratios),
+    )
+
+
+def formatted(text: str, fmt: str) -> str:
+    if fmt == "json":
+        return text
+    if fmt == "args":  # one word after $(...) splitting: no whitespace may reach the shell
+        if any(ch.isspace() for ch in text):
+            raise ConfigError(
+                "--format args: the merged config contains whitespace, which $(...) would "
+                'split; use --additional-config "$(prefetch-tune apply --format json ...)"'
+            )
+        return f"--additional-config={text}"
+    return f"--additional-config {shlex.quote(text)}"
 
 
 def _from_doc(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shlex
 import signal
 import sys
@@ -36,7 +38,26 @@ from prefetch_tune.search.settings import SAMPLERS, SEED_MAX, SearchSettings, Sl
 from prefetch_tune.search.settings import Progress as SearchProgress
 from prefetch_tune.search.space import build_space
 from prefetch_tune.search.tuner import SearchOutcome, search_point
+from prefetch_tune.summaries import result_row, winner_ratios
 from prefetch_tune.tuneconfig import load_tune_file
+
+
+class PlainProgress(SearchProgress):
+    """One line per trial on stderr, for logs and CI where a redrawn bar shows nothing."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, int] = {}
+
+    def start(self, label: str, total: int, done: int) -> None:
+        self.totals[label] = total
+        self.message(f"{label}: {done}/{total} trials done")
+
+    def advance(self, label: str, done: int, best: float | None) -> None:
+        shown = "-" if best is None else f"{best:,.2f}"
+        self.message(f"{label}: trial {done}/{self.totals.get(label, '?')}, best {shown}")
+
+    def message(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
 
 
 class RichProgress(SearchProgress):
@@ -229,6 +250,10 @@ def search(
     python: Annotated[
         str | None, typer.Option("--python", help="vllm backend: the serving environment's Python.")
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option("--json", help="Print the results as JSON on stdout (as `show --json`)."),
+    ] = False,
 ) -> None:
     """Search the prefetch ratios per max-num-seqs and write the best ratio JSON for each.
 
@@ -313,7 +338,7 @@ def search(
         check_semantics(points[0])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     outcomes = _run(points, be, settings)
-    _report(outcomes, be.measured, settings)
+    _report(outcomes, be.measured, settings, as_json)
     if any(out.interrupted for out in outcomes):
         cmd = " ".join(shlex.quote(a) for a in ["prefetch-tune", *sys.argv[1:]])
         err_console.print(
@@ -359,8 +384,11 @@ def _run(points: list[OperatingPoint], be: Any, settings: SearchSettings) -> lis
         TimeRemainingColumn(),
     )
     try:
-        with Progress(*columns, console=err_console, transient=False) as bar:
-            progress = RichProgress(bar)
+        with contextlib.ExitStack() as stack:
+            progress: SearchProgress = PlainProgress()
+            if err_console.is_terminal:
+                bar = stack.enter_context(Progress(*columns, console=err_console, transient=False))
+                progress = RichProgress(bar)
             for point in points:
                 if stop.is_set():
                     outcomes.append(SearchOutcome(point, None, None, None, True, "", ""))
@@ -371,30 +399,34 @@ def _run(points: list[OperatingPoint], be: Any, settings: SearchSettings) -> lis
     return outcomes
 
 
-def _report(outcomes: list[SearchOutcome], measured: bool, settings: SearchSettings) -> None:
+def _report(
+    outcomes: list[SearchOutcome], measured: bool, settings: SearchSettings, as_json: bool
+) -> None:
     label = "measured" if measured else "SIMULATED"
     table = Table(title=f"prefetch-tune search ({label}): objective {settings.objective}")
     for col in (
         "max-num-seqs",
-        "winner",
         "effective MiB/layer",
         settings.objective,
         "vs off",
         "vs default",
         "significant",
     ):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
+    winners: list[str] = []
     for out in outcomes:
+        n = out.point.max_num_seqs
         if out.result is None:
-            table.add_row(str(out.point.max_num_seqs), "[yellow]interrupted[/]", "", "", "", "", "")
+            table.add_row(str(n), "[yellow]interrupted[/]", "", "", "", "")
             continue
         w = out.result["winner"]
-        ratios = "off" if w["is_off"] else ", ".join(f"{k}={v:.3g}" for k, v in _ratios(w).items())
+        ratios = winner_ratios(w)
+        text = "off" if w["is_off"] else ", ".join(f"{k}={v:g}" for k, v in ratios.items())
+        winners.append(f"max-num-seqs {n} winner: {text}")  # own line: never cut by the table
         mib = ", ".join(f"{k} {v:.1f}" for k, v in w["effective_mib"].items() if v)
         imp = out.result["improvement"]
         table.add_row(
-            str(out.point.max_num_seqs),
-            ratios,
+            str(n),
             mib or "0",
             f"{w['objective_median']:,.2f}",
             _pct(imp["vs_off"]),
@@ -402,9 +434,15 @@ def _report(outcomes: list[SearchOutcome], measured: bool, settings: SearchSetti
             "yes" if imp["vs_off"]["significant"] else "no",
         )
     err_console.print(table)
+    for line in winners:
+        err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    rows = [result_row(o.path, o.result) for o in outcomes if o.path and o.result is not None]
+    if as_json:
+        typer.echo(json.dumps(sorted(rows, key=lambda r: r["max_num_seqs"]), indent=2))
     for out in outcomes:
         if out.path is not None:
-            typer.echo(str(out.path))
+            if not as_json:
+                typer.echo(str(out.path))
             _say_stored(out)
             if out.moved_damaged is not None:
                 err_console.print(
@@ -427,16 +465,6 @@ def _say_stored(out: SearchOutcome) -> None:
         )
     elif st.reason == "--replace":
         err_console.print(f"replaced {st.used} (--replace)", markup=False)
-
-
-def _ratios(winner: dict[str, Any]) -> dict[str, float]:
-    ratio = winner["weight_prefetch_config"].get("prefetch_ratio", {})
-    return {
-        f"{m}.{k}": v
-        for m, ks in ratio.items()
-        for k, v in ks.items()
-        if winner["effective_mib"].get(f"{m}.{k}")
-    }
 
 
 def _pct(cmp: dict[str, Any]) -> str:

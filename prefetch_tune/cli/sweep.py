@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,7 @@ from rich.table import Table
 
 from prefetch_tune.cli.common import err_console, fail_on_errors
 from prefetch_tune.regress.outcomes import SweepReport
-from prefetch_tune.regress.outputs import check_output_path, write_outputs
+from prefetch_tune.regress.outputs import check_output_path, rows, write_outputs
 from prefetch_tune.regress.sweep import SweepOptions, ensure_backend, run_sweep
 from prefetch_tune.regress.sweep_plan import load_plan
 from prefetch_tune.search.settings import Progress
@@ -72,6 +73,12 @@ def sweep(
         bool,
         typer.Option("--allow-missing", help="A point without a stored result is not a failure."),
     ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print one JSON object per point (the CSV's columns) on stdout."
+        ),
+    ] = False,
 ) -> None:
     """Re-measure stored winners, off and default; exit 1 on a regression or a missing point."""
     sweep_plan = load_plan(plan)
@@ -91,6 +98,9 @@ def sweep(
     report = run_sweep(sweep_plan, opts, _Messages())
     write_outputs(report, junit, markdown, csv)
     _print(report)
+    if as_json:
+        data = sorted(rows(report), key=lambda r: (r["max_num_seqs"] or 0, r["point"]))
+        typer.echo(json.dumps(data, indent=2))
     if not report.ok:
         raise typer.Exit(1)
 

@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 from prefetch_tune import __version__
 from prefetch_tune.errors import ConfigError
 from prefetch_tune.results import atomic_write, iter_results
+from prefetch_tune.search.space import FLAT_ZONE
 
 INSTALL_HINT = "pip install 'prefetch-tune[report]'"
 SIM_LABEL = "SIMULATED"
@@ -138,15 +139,28 @@ def load_entries(results_dir: Path) -> tuple[list[StudyEntry], list[str]]:
 # ---------------------------------------------------------------- plot data
 
 
-def knob_bounds(study: optuna.Study) -> dict[str, float]:
-    """Each knob's search-space bound: the ratio above which it prefetches no more bytes."""
-    bounds: dict[str, float] = {}
+def flat_above(study: optuna.Study) -> dict[str, float | None]:
+    """Each knob's flat-above ratio (the plan's, as `search` records it on the study; None: the
+    knob never goes flat). Older studies: the bound behind the sampling range's flat zone."""
+    recorded = study.user_attrs.get("flat_above")
+    if isinstance(recorded, dict):
+        return {str(k): None if v is None else float(v) for k, v in recorded.items()}
+    flat: dict[str, float | None] = {}
     for t in study.get_trials(deepcopy=False):
         for k, dist in t.distributions.items():
             high = getattr(dist, "high", None)
             if high is not None:
-                bounds[k] = float(high)
-    return bounds
+                bound = float(high) / (1.0 + FLAT_ZONE)
+                flat[k] = None if bound >= 1.0 - 1e-9 else bound
+    return flat
+
+
+def ratio_in_effect(trial: optuna.trial.FrozenTrial, knob: str, flat: float | None) -> float:
+    """The ratio a trial ran with: its `ratio.<knob>` attr, else its param cut to [0, flat]."""
+    recorded = trial.user_attrs.get(f"ratio.{knob}")
+    if isinstance(recorded, int | float):
+        return float(recorded)
+    return min(max(0.0, float(trial.params[knob])), 1.0 if flat is None else flat)
 
 
 def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -225,7 +239,7 @@ def _title(fig: Any, text: str) -> Any:
 
 def study_figures(e: StudyEntry) -> list[tuple[str, Any]]:
     """(caption, plotly figure) for one study; an empty list without a study."""
-    from optuna.visualization import plot_optimization_history, plot_param_importances, plot_slice
+    from optuna.visualization import plot_optimization_history, plot_param_importances
 
     figs: list[tuple[str, Any]] = []
     metric = e.doc.get("objective", {}).get("metric", "objective")
@@ -242,22 +256,53 @@ def study_figures(e: StudyEntry) -> list[tuple[str, Any]]:
                 )
             except Exception as exc:
                 e.study_note += f" parameter importances unavailable ({type(exc).__name__})"
-        bounds = knob_bounds(e.study)
+        flat = flat_above(e.study)
         for knob in params:
-            fig = plot_slice(e.study, params=[knob], target_name=metric)
-            bound = bounds.get(knob)
-            if bound is not None:
-                fig.add_vline(
-                    x=bound,
-                    line_dash="dash",
-                    line_color="firebrick",
-                    annotation_text=f"flat above {bound:.3g}",
-                    annotation_position="top left",
-                )
-                fig.update_xaxes(range=[-0.02, max(1.0, bound) * 1.02])
-            figs.append((f"Slice: {knob}", _title(fig, f"{knob} ratio [{e.label}]")))
+            fig = slice_figure(done, knob, flat.get(knob), metric)
+            figs.append((f"Slice: {knob}", _title(fig, f"{knob} ratio in effect [{e.label}]")))
     figs.append(("Winner vs off vs default", baseline_figure(e)))
     return figs
+
+
+def slice_figure(
+    trials: list[optuna.trial.FrozenTrial], knob: str, flat: float | None, metric: str
+) -> Any:
+    """Objective against the ratio in effect, one marker per trial (knob off = 0, so trials
+    sampled in the off zone are drawn), and the plan's flat-above ratio as a dashed line."""
+    go = _need("plotly.graph_objects")
+    drawn = [t for t in trials if knob in t.params]
+    xs = [ratio_in_effect(t, knob, flat) for t in drawn]
+    fig = go.Figure(
+        go.Scatter(
+            x=xs,
+            y=[t.value for t in drawn],
+            mode="markers",
+            marker={
+                "color": [t.number for t in drawn],
+                "colorscale": "Blues",
+                "showscale": True,
+                "colorbar": {"title": {"text": "trial"}},
+                "line": {"width": 1, "color": "#333"},
+                "size": 9,
+            },
+            customdata=[t.number for t in drawn],
+            hovertemplate="trial %{customdata}: ratio %{x:.4g}, %{y:.6g}<extra></extra>",
+            name="trial",
+        )
+    )
+    top = max([*xs, flat or 0.0, 1.0 if flat is None else flat])
+    pad = 0.04 * top
+    fig.update_xaxes(title_text=f"{knob} ratio in effect (0 = off)", range=[-pad, top + pad])
+    fig.update_yaxes(title_text=metric)
+    if flat is not None:
+        fig.add_vline(
+            x=flat,
+            line_dash="dash",
+            line_color="firebrick",
+            annotation_text=f"flat above {flat:.3g}",
+            annotation_position="top left",
+        )
+    return fig
 
 
 def baseline_figure(e: StudyEntry) -> Any:
@@ -543,7 +588,6 @@ def build_report(results_dir: Path, out_dir: Path) -> ReportOutput:
     parts.append(f'<script type="application/json" id="prefetch-tune-data">{payload}</script>')
     parts.append("</body></html>")
     atomic_write(output.html, "\n".join(parts) + "\n")
-    output.html.chmod(0o644)
     return output
 
 

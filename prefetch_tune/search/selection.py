@@ -79,7 +79,10 @@ def remeasure(
             cand.runs.append(metrics)
             cand.values.append(settings.objective_value(metrics))
             cand.rounds.append(r)
-        progress.message(f"re-measured {cand.label}: median {cand.median:,.2f}")
+        progress.message(
+            f"max-num-seqs {point.max_num_seqs}: re-measured {cand.label}: "
+            f"median {cand.median:,.2f}"
+        )
 
 
 def judge(
@@ -263,7 +266,8 @@ def race(
         if _eliminate(alive, off, cands[1], settings, rnd):
             break
     progress.message(
-        f"selection: {cost.rounds} round(s), {cost.backend_runs} runs; "
+        f"max-num-seqs {point.max_num_seqs}: selection: {cost.rounds} round(s), "
+        f"{cost.backend_runs} runs; "
         + ", ".join(f"{c.label} {c.median:,.2f}" for c in cands if c.values)
     )
     return cost

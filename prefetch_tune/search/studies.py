@@ -267,3 +267,39 @@ def beating(study: optuna.Study, trial: optuna.Trial) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
+
+
+# ---------------------------------------------------------------- what optuna-dashboard shows
+
+
+def describe_study(study: optuna.Study, space: SearchSpace, settings: SearchSettings) -> None:
+    """Name the objective and record each knob's flat-above ratio, so optuna-dashboard (and the
+    report) show metric names and ratios instead of "Objective 0" and sampling coordinates."""
+    if list(study.metric_names or []) != [settings.objective]:
+        with warnings.catch_warnings():  # experimental since 3.2, stable in use; not a user issue
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([settings.objective])
+    flat = {k: (None if space.bound(k) >= 1.0 else space.bound(k)) for k in space.knobs}
+    wanted: dict[str, Any] = {
+        "objective": settings.objective,
+        "direction": "minimize" if settings.minimize else "maximize",
+        "max_num_seqs": space.point.max_num_seqs,
+        "knobs": list(space.knobs),
+        "flat_above": flat,
+        "params_note": "params are sampling coordinates: <= 0 is off, above flat_above is "
+        "flat_above; trial attrs ratio.<knob> are the ratios in effect",
+    }
+    for key, value in wanted.items():
+        if study.user_attrs.get(key) != value:
+            study.set_user_attr(key, value)
+
+
+def ratio_attrs(space: SearchSpace, params: dict[str, float]) -> dict[str, float]:
+    """A trial's ratios in effect as flat, numeric user attrs (`ratio.mlp.gate_up`)."""
+    return {f"ratio.{k}": space.ratio(k, params[k]) for k in space.knobs if k in params}
+
+
+def metric_attrs(metrics: dict[str, float]) -> dict[str, float]:
+    """A trial's metrics as flat, numeric user attrs (`metric.output_throughput`), next to the
+    `metrics` dict, so the dashboard can list and sort them."""
+    return {f"metric.{k}": float(v) for k, v in metrics.items() if not k.startswith("sim_")}

@@ -60,12 +60,15 @@ from prefetch_tune.search.studies import (
     GRID_LEVELS,
     HAS_SET_CONSTRAINT,
     beating,
+    describe_study,
     fail_stale,
     heartbeat_interval,
     make_sampler,
+    metric_attrs,
     open_journal_study,
     others_running,
     owner,
+    ratio_attrs,
     release_journal,
     spent,
     storage_for,
@@ -267,11 +270,15 @@ def _run_trial(
     trial.set_user_attr("key", key)
     trial.set_user_attr("config", config.canonical_json())
     trial.set_user_attr("effective_mib", space.effective_mib(config))
+    for attr, ratio in ratio_attrs(space, trial.params).items():
+        trial.set_user_attr(attr, ratio)
     done, failed = _measured(study)
     if key in done:  # same effective bytes: never pay twice
         prior = done[key]
         trial.set_user_attr("duplicate_of", prior.number)
         trial.set_user_attr("metrics", prior.user_attrs.get("metrics", {}))
+        for attr, value in metric_attrs(prior.user_attrs.get("metrics", {})).items():
+            trial.set_user_attr(attr, value)
         _tell_complete(
             study,
             trial,
@@ -306,6 +313,8 @@ def _evaluate_trial(
         _tell(study, trial, state=TrialState.FAIL)
         raise
     trial.set_user_attr("metrics", {k: float(v) for k, v in metrics.items()})
+    for attr, value in metric_attrs(dict(metrics)).items():
+        trial.set_user_attr(attr, value)
     for extra in ("log", "bench_json", "serve_command", "bench_command"):
         if extra in getattr(backend, "last_artifacts", {}):
             trial.set_user_attr(extra, backend.last_artifacts[extra])  # type: ignore[attr-defined]
@@ -394,6 +403,7 @@ def search_point(
             f"--objective {settings.objective}: study {name} in {storage_label} "
             f"was created to {study.direction.name.lower()}; use another --storage"
         )
+    describe_study(study, space, settings)
     if orphans:
         progress.message(f"{name}: marked {orphans} trial(s) left RUNNING by a killed run as FAIL")
     path = result_path(settings.results_dir, point, backend.name)
