@@ -274,14 +274,15 @@ def test_apply_finds_a_result_searched_for_a_model_directory(
     model = make_model_dir("tiny-dense")
     results = tmp_path / "R"
     searched = run(
-        "search", "--model", str(model), "--max-num-seqs", "8", "--trials", "3",
+        "search", "--model", str(model), "--tp", "4", "--max-num-seqs", "8", "--trials", "3",
         "--repeats", "1", "--results-dir", str(results),
     )  # fmt: skip
     assert searched.exit_code == 0, searched.stderr
     doc = json.loads(next(results.glob("*.json")).read_text())
     assert doc["model"]["quant"] == "bf16"
     applied = run(
-        "apply", "--model", str(model), "--max-num-seqs", "8", "--results-dir", str(results)
-    )
+        "apply", "--model", str(model), "--tp", "4", "--max-num-seqs", "8",
+        "--results-dir", str(results),
+    )  # fmt: skip
     assert applied.exit_code == 0, applied.stderr
     assert applied.stdout.strip() == doc["additional_config"]
