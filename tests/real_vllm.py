@@ -14,7 +14,6 @@ needs), `vllm_table()` (a `[vllm]` tune-file table for it), `write_tune()` and
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import threading
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from helpers import live_group, processes_with_env
+from helpers import live_group, processes_with_env, toml_value
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / ".ci" / "real-vllm.sh"
@@ -107,18 +106,6 @@ def vllm_table(real: RealVllm, token: str, **extra: Any) -> dict[str, Any]:
         "stop_grace": 20,
         **extra,
     }
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return repr(value)
 
 
 def write_tune(path: Path, real: RealVllm, table: dict[str, Any], **top: Any) -> Path:

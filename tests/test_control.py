@@ -173,14 +173,19 @@ def marker_doc(directory: Path) -> dict[str, Any]:
     return doc
 
 
+def channel_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The environment --screen gives a worker: markers, the control file, a look per forward."""
+    monkeypatch.setenv(plugin.ENV_MARKER_DIR, str(tmp_path / "markers"))
+    monkeypatch.setenv(ENV_CONTROL, str(tmp_path / "control.json"))
+    monkeypatch.setenv(ENV_CONTROL_EVERY, "1")
+    return tmp_path / "control.json"
+
+
 @pytest.mark.torch
 def test_a_running_worker_switches_config_between_forwards(
     ascend: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    control = tmp_path / "control.json"
-    monkeypatch.setenv(plugin.ENV_MARKER_DIR, str(tmp_path / "markers"))
-    monkeypatch.setenv(ENV_CONTROL, str(control))
-    monkeypatch.setenv(ENV_CONTROL_EVERY, "1")
+    control = channel_env(tmp_path, monkeypatch)
     model = load(ascend, eager(vllm_config(DENSE_HF)))
     assert marker_doc(tmp_path / "markers")["control"]["state"] == "waiting"
     run(model, 8)
@@ -208,10 +213,7 @@ def test_a_running_worker_switches_config_between_forwards(
 def test_the_plugin_refuses_the_channel_without_enforce_eager(
     ascend: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    control = tmp_path / "control.json"
-    monkeypatch.setenv(plugin.ENV_MARKER_DIR, str(tmp_path / "markers"))
-    monkeypatch.setenv(ENV_CONTROL, str(control))
-    monkeypatch.setenv(ENV_CONTROL_EVERY, "1")
+    control = channel_env(tmp_path, monkeypatch)
     model = load(ascend, eager(vllm_config(DENSE_HF), False))
     write_control(control, PrefetchConfig.off(), seq=1)
     run(model, 8)

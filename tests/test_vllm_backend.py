@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from helpers import processes_with_env
+from helpers import processes_with_env, toml_value
 
 from prefetch_tune.backends.base import OperatingPoint, Workload
 from prefetch_tune.backends.server import FailureClass
@@ -99,18 +99,6 @@ def vllm_table(token: str, **extra: Any) -> dict[str, Any]:
         "stop_grace": 5,
         **extra,
     }
-
-
-def toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
-    return repr(value)
 
 
 def write_tune(path: Path, table: dict[str, Any], **top: Any) -> Path:
